@@ -1,0 +1,1 @@
+"""Converters from public benchmark data sets to the behaviour-log schema."""
