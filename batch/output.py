@@ -203,6 +203,11 @@ class _LocalTarget:
             self._file.close()
         self.cleanup()
 
+    def remove_superseded(self) -> None:
+        """Drop files staged for this partition by killed runs: the new publish supersedes them."""
+        for staged in self.staging_root.glob(f"*/{self.partition}"):
+            shutil.rmtree(staged.parent, ignore_errors=True)
+
     def cleanup(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
         try:
@@ -251,6 +256,16 @@ class _ObjectTarget:
 
     def write_manifest(self, text: str) -> None:
         self.fs.pipe_file(self.manifest, text.encode())  # a single PUT: atomic per object
+
+    def remove_superseded(self) -> None:
+        """Abort multipart uploads to this key left by killed runs (invisible, but billed until aborted)."""
+        call_s3 = getattr(self.fs, "call_s3", None)  # s3fs only; other stores expire unfinished uploads
+        if call_s3 is None:
+            return
+        bucket, key = self.final.split("/", 1)
+        for upload in call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key).get("Uploads", []):
+            if upload["Key"] == key:
+                self.fs.abort_mpu(bucket, key, upload["UploadId"])
 
     def abort(self) -> None:
         if self._file is None:
@@ -367,6 +382,7 @@ class OutputWriter:
         self.published = True
         try:
             stale = self._target.remove_stale()
+            self._target.remove_superseded()
         finally:
             self._target.cleanup()
         published = {"path": self.root_url, "partition": self.partition, "file": self._target.url,

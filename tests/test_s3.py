@@ -127,3 +127,14 @@ def test_failure_keeps_previous_object_and_rerun_replaces(s3: dict, bucket: str)
 def test_bucket_root_is_rejected(s3: dict) -> None:
     with pytest.raises(ValueError, match="prefix inside the bucket"):
         OutputWriter(out_cfg("s3://some-bucket", s3["options"]), DAY, "v1", "h")
+
+
+def test_publish_aborts_uploads_left_by_killed_runs(s3: dict, bucket: str) -> None:
+    fs, opts = s3["fs"], s3["options"]
+    key = "recs/dt=2026-11-26/part-0.parquet"
+    fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)  # what a SIGKILLed run leaves behind
+    fs.call_s3("create_multipart_upload", Bucket=bucket, Key="recs/dt=2026-11-25/part-0.parquet")
+    with OutputWriter(out_cfg(f"s3://{bucket}/recs", opts), DAY, "v1", "h") as w:
+        w.write_shard(recs([1]))
+        w.publish({})
+    assert [u["Key"] for u in in_flight_uploads(fs, bucket)] == ["recs/dt=2026-11-25/part-0.parquet"]
