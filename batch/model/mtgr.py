@@ -1,0 +1,177 @@
+"""The MTGR model: mixed-type token embeddings, HSTU layers with Group-LayerNorm, an item-only head.
+
+Follows MTGR (arXiv 2505.18654) and HSTU (arXiv 2402.17152). Each layer:
+    h = GroupLN(x);  u, v, q, k = silu(W h)
+    a = sum_j silu(alpha * q.k_j + rab(i - j)) / n_i * v_j      (causal; n_i = keys row i sees)
+    x = x + W_o(GroupLN(a) * u)
+The attention itself is one function of ``kernels`` (Triton on CUDA, PyTorch elsewhere); the vLLM engine reuses
+these modules and passes its paged attention instead of the jagged one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import hstu_attention
+
+from .config import MTGRConfig
+from .tokens import GROUP_ACTION, GROUP_ITEM, GROUP_PROFILE, NUM_GROUPS, TokenLayout
+
+# attend(layer_index, q, k, v, rel_bias) -> (T, H, D); q, k, v: (T, H, D); rel_bias: (H, max_seq_len)
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class GroupLayerNorm(nn.Module):
+    """LayerNorm with separate affine parameters per token group (profile, item, action)."""
+
+    def __init__(self, dim: int, num_groups: int = NUM_GROUPS, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_groups, dim))
+        self.bias = nn.Parameter(torch.zeros(num_groups, dim))
+
+    def forward(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x, x.shape[-1:], eps=self.eps)
+        return y * self.weight[groups] + self.bias[groups]
+
+
+def relative_buckets(max_len: int, num_buckets: int) -> torch.Tensor:
+    """Bucket of each distance 0..max_len-1: exact for small distances, log-spaced beyond."""
+    exact = max(1, num_buckets // 2)
+    d = torch.arange(max_len, dtype=torch.float64)
+    log_part = exact + torch.floor(torch.log(d.clamp(min=exact) / exact)
+                                   / math.log(max(max_len / exact, 2.0)) * (num_buckets - exact))
+    return torch.where(d < exact, d, log_part).clamp(max=num_buckets - 1).long()
+
+
+class HSTULayer(nn.Module):
+    """One HSTU block as MTGR stacks it."""
+
+    def __init__(self, cfg: MTGRConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.alpha = 1.0 / math.sqrt(cfg.head_dim)
+        self.norm_in = GroupLayerNorm(d)
+        self.uvqk = nn.Linear(d, 4 * d)
+        self.norm_attn = GroupLayerNorm(d)
+        self.out = nn.Linear(d, d)
+        self.rel_bias = nn.Parameter(torch.zeros(cfg.num_heads, cfg.rel_pos_buckets))
+        self.dropout = cfg.dropout
+        self.register_buffer("buckets", relative_buckets(cfg.max_seq_len, cfg.rel_pos_buckets), persistent=False)
+
+    def rel_bias_table(self) -> torch.Tensor:
+        """(H, max_seq_len) float32 bias by relative distance, as the attention kernels take it."""
+        return self.rel_bias[:, self.buckets].float()
+
+    def forward(self, x: torch.Tensor, groups: torch.Tensor, attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+        t, d = x.shape
+        u, v, q, k = F.silu(self.uvqk(self.norm_in(x, groups))).split(d, dim=-1)
+        shape = (t, self.num_heads, self.head_dim)
+        a = attend(q.reshape(shape), k.reshape(shape), v.reshape(shape), self.rel_bias_table()).reshape(t, d)
+        y = self.norm_attn(a, groups) * u
+        return x + self.out(F.dropout(y, self.dropout, self.training))
+
+
+class MixedTypeEmbedding(nn.Module):
+    """Token -> d_model vector. Item tokens fuse item id and item category embeddings with an MLP;
+    action tokens decode their mixed-radix features and fuse flag, watch-percentage, watch-duration and
+    time-gap embeddings with an MLP; profile and special tokens have a plain embedding."""
+
+    def __init__(self, cfg: MTGRConfig):
+        super().__init__()
+        self.layout = lay = TokenLayout(cfg)
+        d, f = cfg.d_model, cfg.feature_dim
+        self.item = nn.Embedding(cfg.num_items, d)  # tied with the output head
+        self.category = nn.Embedding(cfg.num_categories + 1, f)  # row 0 = unknown / no category
+        self.register_buffer("item_category", torch.zeros(cfg.num_items, dtype=torch.long))
+        self.item_mlp = nn.Sequential(nn.Linear(d + f, d), nn.SiLU(), nn.Linear(d, d))
+        self.flags = nn.Embedding(lay.flag_radix, f)
+        self.pct = nn.Embedding(lay.pct_radix, f)
+        self.dur = nn.Embedding(lay.dur_radix, f)
+        self.gap = nn.Embedding(lay.gap_radix, f)
+        self.action_mlp = nn.Sequential(nn.Linear(4 * f, d), nn.SiLU(), nn.Linear(d, d))
+        self.other = nn.Embedding(lay.action_offset, d)  # specials + profile tokens
+        nn.init.normal_(self.item.weight, std=d ** -0.5)
+        self.table: torch.Tensor | None = None  # (vocab_size, d_model) cache for inference
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Fused embedding (N, d_model) of each token, computed from its features."""
+        lay = self.layout
+        is_item = tokens >= lay.item_offset
+        is_action = (tokens >= lay.action_offset) & ~is_item
+
+        item_idx = (tokens - lay.item_offset).clamp(min=0) * is_item
+        item_x = self.item_mlp(torch.cat([self.item(item_idx), self.category(self.item_category[item_idx])], -1))
+
+        code = (tokens - lay.action_offset).clamp(min=0) * is_action
+        gap, code = code % lay.gap_radix, code // lay.gap_radix
+        dur, code = code % lay.dur_radix, code // lay.dur_radix
+        pct, bits = code % lay.pct_radix, code // lay.pct_radix
+        action_x = self.action_mlp(torch.cat([self.flags(bits), self.pct(pct), self.dur(dur), self.gap(gap)], -1))
+
+        other_x = self.other(torch.where(is_item | is_action, torch.zeros_like(tokens), tokens))
+        return torch.where(is_item[:, None], item_x, torch.where(is_action[:, None], action_x, other_x))
+
+    def groups(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Group id (profile, item, action) of each token, for Group-LayerNorm."""
+        lay = self.layout
+        groups = torch.full_like(tokens, GROUP_ITEM)
+        groups = torch.where((tokens >= lay.profile_offset) & (tokens < lay.action_offset), GROUP_PROFILE, groups)
+        return torch.where((tokens >= lay.action_offset) & (tokens < lay.item_offset), GROUP_ACTION, groups)
+
+    @torch.no_grad()
+    def build_table(self) -> None:
+        """Precompute every token's embedding: inference then embeds by a single lookup."""
+        self.table = self.embed_tokens(torch.arange(self.layout.vocab_size, device=self.item.weight.device))
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (T, d_model) and group ids (T,) of flat tokens."""
+        if self.table is not None and not self.training:
+            return self.table[tokens], self.groups(tokens)
+        unique, inverse = torch.unique(tokens, return_inverse=True)  # each distinct token's MLP runs once
+        return self.embed_tokens(unique)[inverse], self.groups(tokens)
+
+
+class MTGR(nn.Module):
+    """The MTGR encoder over jagged batches of token sequences, with next-item scores over items only."""
+
+    def __init__(self, cfg: MTGRConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = MixedTypeEmbedding(cfg)
+        self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(cfg.d_model)
+
+    def encode(self, tokens: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """Hidden states (T, d_model) of flat tokens; ``attend`` supplies the attention per layer."""
+        x, groups = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, groups, lambda q, k, v, bias, i=i: attend(i, q, k, v, bias))
+        return self.final_norm(x)
+
+    def forward(self, tokens: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Hidden states (T, d_model) of a jagged batch: sequence b is ``tokens[offsets[b]:offsets[b+1]]``."""
+        max_len = int((offsets[1:] - offsets[:-1]).max()) if len(offsets) > 1 else 0
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"sequence of {max_len} tokens exceeds max_seq_len {self.config.max_seq_len}")
+
+        def attend(i: int, q, k, v, bias):
+            return hstu_attention(q, k, v, offsets, alpha=self.layers[i].alpha, rel_bias=bias,
+                                  norm="visible", max_len=max_len)
+
+        return self.encode(tokens, attend)
+
+    def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-item scores (N, num_items) of hidden states; column i is item token ``item_offset + i``."""
+        return hidden @ self.embed.item.weight.t()
+
+    @staticmethod
+    def last_positions(offsets: torch.Tensor) -> torch.Tensor:
+        """Index of each sequence's last token, where its next-item scores are read."""
+        return offsets[1:] - 1
