@@ -1,0 +1,229 @@
+"""Benchmark of the data stage: scan + validate the behaviour log, then build token sequences shard by shard.
+
+    python bench/data_stage.py [--events 20000000] [--shards 1 8] [--data-dir DIR]
+
+1. Generates (once, cached in ``--data-dir``, default a folder in the system temp dir, outside the repo) a
+   synthetic log in the input schema: one Hive ``dt=`` partition per day, one Parquet file each, 256k-row row
+   groups, written chunk by chunk so the generator's memory stays bounded. Skewed users and items, ~0.1% dirty
+   rows, ~5% items outside the vocabulary.
+2. Writes a small random-weight checkpoint whose ItemVocab covers most items (weights are irrelevant here).
+3. For each ``num_shards`` runs a fresh subprocess that does what the job's data stage does —
+   ``scan_events`` (list, prune, footer checks, lazy scan), ``count_rows`` (drop reasons, one pass), then per
+   shard ``SequenceBuilder.shard_frame(...).collect()`` + ``build`` (sort, last-N, tokenise) — and reports wall
+   time and ``ru_maxrss``.
+4. Appends one JSON line per number to bench/results.jsonl. Numbers are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere: `python bench/data_stage.py`
+RESULTS = REPO / "bench" / "results.jsonl"
+RUN_DATE = dt.date(2026, 11, 27)
+DAYS = 8
+NUM_USERS = 1_000_000
+NUM_ITEMS = 200_000
+VOCAB_ITEMS = 190_000  # items >= this id are unknown to the checkpoint (OOV)
+ROW_GROUP = 256 * 1024
+CHUNK = 1_000_000
+MAX_SEQ_LEN = 256  # tokens: 1 profile token + 2 per event -> the last 127 events of a user
+
+
+# -- synthetic input -----------------------------------------------------------------------------------------------
+
+def generate(data_dir: Path, events: int, seed: int = 7) -> Path:
+    """Write the synthetic log under ``data_dir/events`` unless a matching one is already there."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = data_dir / "events"
+    marker = data_dir / "events.json"
+    spec = {"events": events, "days": DAYS, "users": NUM_USERS, "items": NUM_ITEMS, "seed": seed, "version": 1}
+    if marker.exists() and json.loads(marker.read_text()) == spec:
+        return out
+    rng = np.random.default_rng(seed)
+    per_day = -(-events // DAYS)
+    t0 = time.perf_counter()
+    for d in range(DAYS):
+        day = RUN_DATE - dt.timedelta(days=DAYS - d)
+        path = out / f"dt={day.isoformat()}" / "part-0.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        start_us = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc).timestamp()) * 10**6
+        writer = None
+        for lo in range(0, per_day, CHUNK):
+            table = _chunk(rng, min(CHUNK, per_day - lo), start_us, session_base=(d * per_day + lo))
+            writer = writer or pq.ParquetWriter(path, table.schema, compression="zstd")
+            writer.write_table(table, row_group_size=ROW_GROUP)
+        writer.close()
+        print(f"  wrote {path.relative_to(data_dir)} ({per_day:,} events, {time.perf_counter() - t0:.0f}s)",
+              flush=True)
+    marker.write_text(json.dumps(spec))
+    return out
+
+
+def _chunk(rng: np.random.Generator, n: int, start_us: int, session_base: int):
+    """``n`` events of one day: skewed users (u**2) and items (u**3), some dirty rows and OOV items."""
+    import pyarrow as pa
+
+    user = (NUM_USERS * rng.random(n) ** 2).astype(np.int64)
+    item = (NUM_ITEMS * rng.random(n) ** 3).astype(np.int64)
+    duration = rng.exponential(40.0, n)
+    duration[rng.random(n) < 0.001] = -1.0  # dirty: negative watch duration
+    pct = rng.random(n)
+    pct[rng.random(n) < 0.01] = np.nan  # missing
+    ts = start_us + np.sort(rng.integers(0, 86_400 * 10**6, n))
+    return pa.table({
+        "user_id": pa.array(user),
+        "session_id": pa.array(session_base + np.arange(n, dtype=np.int64) // 8),
+        "video_id": pa.array(item),
+        "timestamp": pa.array(ts.astype("datetime64[us]")),
+        "watch_duration": pa.array(duration),
+        "watch_percentage": pa.array(pct, from_pandas=True),
+        "is_liked": pa.array(rng.random(n) < 0.05),
+        "is_favorited": pa.array(rng.random(n) < 0.02),
+        "is_shared": pa.array(rng.random(n) < 0.01),
+        "category": pa.array((item % 50).astype(np.int32)),
+        "age_group": pa.array((user % 7).astype(np.int64)),
+    })
+
+
+def make_checkpoint(data_dir: Path) -> Path:
+    """A tiny random-weight checkpoint with a VOCAB_ITEMS-item vocabulary and an age_group profile feature."""
+    import pyarrow as pa
+    import torch
+
+    from batch.model import MTGR, ItemVocab, MTGRConfig, ProfileFeature, save_checkpoint
+
+    path = data_dir / "checkpoint"
+    if (path / "items.parquet").exists():
+        return path
+    torch.manual_seed(0)
+    cfg = MTGRConfig(d_model=16, num_layers=1, num_heads=2, max_seq_len=MAX_SEQ_LEN, num_items=VOCAB_ITEMS,
+                     num_categories=50, profile_features=[ProfileFeature("age_group", 8)],
+                     model_version="bench-data-stage")
+    model = MTGR(cfg)
+    items = ItemVocab(pa.array(np.arange(VOCAB_ITEMS, dtype=np.int64)), np.arange(VOCAB_ITEMS) % 50,
+                      model.embed.layout.item_offset)
+    save_checkpoint(str(path), model, items)
+    return path
+
+
+# -- one measurement (runs in a fresh subprocess) ------------------------------------------------------------------
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(events_dir: Path, checkpoint: Path, num_shards: int) -> dict:
+    """The data stage as ``batch.run.run_job`` runs it, with ``num_shards`` shards; counts, timings, memory."""
+    from batch.config import DEFAULT_COLUMNS, DataConfig, window
+    from batch.events import EventSchema, count_rows, scan_events
+    from batch.model import load_checkpoint
+    from batch.sequences import SequenceBuilder
+
+    ckpt = load_checkpoint(str(checkpoint))
+    schema = EventSchema.for_checkpoint(dict(DEFAULT_COLUMNS), ckpt)
+    win = window(DataConfig(path=str(events_dir), run_date=RUN_DATE.isoformat(), lookback_days=28))
+    rss_setup = _rss_mb()
+
+    t0 = time.perf_counter()
+    source = scan_events(str(events_dir), schema, window=win)
+    counts = count_rows(source.frame, ckpt.items.item_ids)
+    t1 = time.perf_counter()
+    builder = SequenceBuilder(ckpt, schema)
+    users = tokens = used = 0
+    for shard in range(num_shards):
+        rows = builder.shard_frame(source.frame, shard, num_shards).collect()
+        seq = builder.build(rows)
+        users += len(seq.batch.user_ids)
+        tokens += len(seq.batch.tokens)
+        used += seq.events_used
+        del rows, seq
+    t2 = time.perf_counter()
+    return {"rows_read": counts["rows_read"], "rows_clean": counts["rows_clean"], "users": users,
+            "events_used": used, "tokens": tokens, "scan_validate_s": t1 - t0, "sequences_s": t2 - t1,
+            "wall_s": t2 - t0, "rss_after_setup_mb": rss_setup,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# -- driver --------------------------------------------------------------------------------------------------------
+
+def device() -> str:
+    text = Path("/proc/cpuinfo").read_text()
+    models = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+    return f"{models[0] if models else 'unknown CPU'}, {len(models) or os.cpu_count()} cores"
+
+
+def git_commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "bench/data_stage.py"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    return head + ("-dirty" if dirty else "")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--events", type=int, default=20_000_000)
+    ap.add_argument("--shards", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "mtgr-bench-data-stage")
+    ap.add_argument("--no-record", action="store_true", help="print only, do not append to bench/results.jsonl")
+    ap.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # internal: one measurement, JSON to stdout
+    args = ap.parse_args()
+
+    if args.measure is not None:
+        result = measure(args.data_dir / "events", args.data_dir / "checkpoint", args.measure)
+        print(json.dumps(result))
+        return
+
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    print(f"generating {args.events:,} events in {args.data_dir} (cached)", flush=True)
+    events_dir = generate(args.data_dir, args.events)
+    make_checkpoint(args.data_dir)
+    size_mb = sum(p.stat().st_size for p in events_dir.rglob("*.parquet")) / 2**20
+    command = "python bench/data_stage.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    common = {"bench": "data_stage", "device": device(), "commit": git_commit(), "command": command,
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    lines = []
+    for n in args.shards:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.run([sys.executable, __file__, "--measure", str(n), "--data-dir", str(args.data_dir)],
+                              capture_output=True, text=True, env=env, cwd=REPO)
+        if proc.returncode:
+            sys.exit(f"measurement with num_shards={n} failed:\n{proc.stderr}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        config = {"num_shards": n, "events": r["rows_read"], "users": r["users"], "files": DAYS,
+                  "input_mb": round(size_mb, 1), "max_seq_len": MAX_SEQ_LEN, "row_group_rows": ROW_GROUP}
+        metrics = [("events_per_s", r["rows_read"] / r["wall_s"], "events/s"), ("wall", r["wall_s"], "s"),
+                   ("scan_validate", r["scan_validate_s"], "s"), ("sequences", r["sequences_s"], "s"),
+                   ("peak_rss", r["peak_rss_mb"], "MiB"), ("rss_after_setup", r["rss_after_setup_mb"], "MiB")]
+        print(f"num_shards={n}: {r['rows_read']:,} events, {r['users']:,} users, {r['tokens']:,} tokens | "
+              + ", ".join(f"{m} {v:,.1f} {u}" for m, v, u in metrics), flush=True)
+        lines += [{**common, "config": config, "metric": m, "value": round(v, 3), "unit": u} for m, v, u in metrics]
+    if not args.no_record:
+        with open(RESULTS, "a") as f:
+            for line in lines:
+                f.write(json.dumps({k: line[k] for k in ("bench", "config", "metric", "value", "unit", "device",
+                                                         "commit", "command", "date")}) + "\n")
+        print(f"appended {len(lines)} lines to {RESULTS.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
