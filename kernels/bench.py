@@ -1,0 +1,282 @@
+"""Check and benchmark the HSTU attention kernels on a CUDA GPU.
+
+    python -m kernels.bench [--check] [--sweep] [--out bench/results.jsonl] [--commit HASH]
+
+Per shape: median time (triton.testing.do_bench) and TFLOP/s of the Triton jagged kernel (causal, no bias and with
+a relative-position bias), the padded PyTorch reference and the paged kernel (full prefill through a shuffled
+block table, page size 16). FLOPs = 2 matmuls x 2*H*D*sum(L^2)/2 (causal half). --check compares every kernel with
+an fp64 reference on every shape (bf16 and fp32). --sweep times candidate tile configs. Each number is also written
+as a JSON line to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+
+import numpy as np
+import torch
+import triton
+
+from . import hstu_attention, hstu_attention_paged, reference, write_kv_cache
+from . import triton_jagged, triton_paged
+
+FIXED = [(64, 512, 4, 128), (32, 1024, 4, 128), (16, 2048, 4, 128), (8, 4096, 4, 128), (32, 1024, 2, 256),
+         (16, 2048, 2, 256)]
+PAGE = 16
+DEV = "cuda"
+
+
+class Recorder:
+    def __init__(self, out: str | None, device: str, commit: str, command: str):
+        self.out, self.device, self.commit, self.command = out, device, commit, command
+        self.date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def __call__(self, bench: str, config: dict, metric: str, value: float, unit: str) -> None:
+        line = dict(bench=bench, config=config, metric=metric, value=round(float(value), 6), unit=unit,
+                    device=self.device, commit=self.commit, command=self.command, date=self.date)
+        if self.out:
+            with open(self.out, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+
+def lognormal_lengths(total: int = 65536, mean: float = 1000.0, sigma: float = 0.8, seed: int = 0) -> list[int]:
+    """User lengths drawn from a lognormal of the given mean until they add up to `total` tokens."""
+    rng = np.random.default_rng(seed)
+    mu = math.log(mean) - sigma ** 2 / 2
+    out, left = [], total
+    while left > 0:
+        L = int(min(max(round(rng.lognormal(mu, sigma)), 1), 8192, left))
+        out.append(L)
+        left -= L
+    return out
+
+
+def make_inputs(lengths, H, D, dtype, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, H, D, device=DEV, generator=g).to(dtype) for _ in range(3))
+    offsets = torch.tensor([0] + lengths, device=DEV).cumsum(0)
+    return q, k, v, offsets
+
+
+def paged_from_jagged(k, v, lengths, page=PAGE, seed=0):
+    """KV cache holding each user's K/V in shuffled pages; block table; seq_lens."""
+    g = torch.Generator().manual_seed(seed)
+    H, D = k.shape[1:]
+    npages = [(L + page - 1) // page for L in lengths]
+    total = sum(npages)
+    perm = torch.randperm(total, generator=g)
+    table = torch.zeros(len(lengths), max(npages), dtype=torch.int32)
+    slots, used = [], 0
+    for r, (L, n) in enumerate(zip(lengths, npages)):
+        table[r, :n] = perm[used:used + n].int()
+        used += n
+        p = torch.arange(L)
+        slots.append(table[r, p // page].long() * page + p % page)
+    cache = torch.randn(total, H, page, 2 * D, device=DEV).to(k.dtype)  # never zeros: unwritten slots show
+    table, slot_mapping = table.to(DEV), torch.cat(slots).to(DEV)
+    write_kv_cache(k, v, cache, slot_mapping)
+    return cache, table, torch.tensor(lengths, device=DEV, dtype=torch.int32)
+
+
+def flops(lengths, H, D) -> float:
+    return 2.0 * H * D * sum(L * L for L in lengths)
+
+
+def bench_ms(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return float((a - b).norm() / b.norm())
+
+
+def shapes():
+    out = [(f"B{B}_L{L}_H{H}_D{D}", [L] * B, H, D) for B, L, H, D in FIXED]
+    out.insert(2, ("B64_L1024_H4_D128", [1024] * 64, 4, 128))  # same token count as the lognormal batch
+    out.append(("lognormal_mean1000_64k_H4_D128", lognormal_lengths(), 4, 128))
+    return out
+
+
+def check(rec, only=None) -> bool:
+    """Every kernel vs an fp64 reference on every shape; fp32 inputs are the bf16 values widened."""
+    ok = True
+    print(f"{'shape':34} {'kernel':22} {'dtype':6} rel_err")
+    for name, lengths, H, D in shapes():
+        if only and name not in only:
+            continue
+        q, k, v, off = make_inputs(lengths, H, D, torch.bfloat16, seed=1)
+        alpha = 1.0 / math.sqrt(D)
+        want = reference.hstu_attention_naive(q.double(), k.double(), v.double(), off, alpha=alpha)
+        for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+            qd, kd, vd = (t.to(dtype) for t in (q, k, v))
+            cache, table, seq_lens = paged_from_jagged(kd, vd, lengths)
+            runs = {
+                "jagged": lambda: hstu_attention(qd, kd, vd, off, alpha=alpha, backend="triton"),
+                "paged": lambda: hstu_attention_paged(qd, cache, table, off, seq_lens, alpha=alpha,
+                                                      backend="triton"),
+            }
+            for kern, fn in runs.items():
+                err = rel_err(fn(), want)
+                ok &= err < tol
+                print(f"{name:34} {kern:22} {str(dtype)[6:]:6} {err:.2e} {'ok' if err < tol else 'FAIL'}")
+                rec("hstu_attention_check", dict(shape=name, kernel=kern, dtype=str(dtype)[6:], mask="causal"),
+                    "rel_err_vs_fp64", err, "ratio")
+        del want
+    # Masks, bias and norms on the lognormal batch (and a chunked-prefill paged case) in bf16 and fp32.
+    lengths = lognormal_lengths(total=16384, seed=3)
+    H, D = 4, 128
+    q, k, v, off = make_inputs(lengths, H, D, torch.bfloat16, seed=2)
+    B = len(lengths)
+    g = torch.Generator(device=DEV).manual_seed(5)
+    Ls = torch.tensor(lengths, device=DEV)
+    prefix = torch.randint(0, 40, (B,), device=DEV, generator=g)
+    cands = torch.minimum(torch.randint(0, 300, (B,), device=DEV, generator=g), Ls)
+    bias = 0.3 * torch.randn(H, 257, device=DEV, generator=g)
+    cases = {"prefix": dict(prefix_lens=prefix), "candidates": dict(num_candidates=cands),
+             "prefix+cand+bias": dict(prefix_lens=prefix, num_candidates=cands, rel_bias=bias),
+             "bias+length_norm": dict(rel_bias=bias, norm="length")}
+    alpha = 1.0 / math.sqrt(D)
+    for mask, kw in cases.items():
+        kw64 = {a: (b.double() if a == "rel_bias" else b) for a, b in kw.items()}
+        want = reference.hstu_attention_naive(q.double(), k.double(), v.double(), off, alpha=alpha, **kw64)
+        for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+            got = hstu_attention(*(t.to(dtype) for t in (q, k, v)), off, alpha=alpha, backend="triton", **kw)
+            err = rel_err(got, want)
+            ok &= err < tol
+            print(f"{'lognormal16k':34} {'jagged ' + mask:22} {str(dtype)[6:]:6} {err:.2e} {'ok' if err < tol else 'FAIL'}")
+            rec("hstu_attention_check", dict(shape="lognormal_16k_H4_D128", kernel="jagged", dtype=str(dtype)[6:],
+                                             mask=mask), "rel_err_vs_fp64", err, "ratio")
+    qlens = [max(1, L // 3) for L in lengths]
+    qs = torch.cat([q[int(off[i + 1]) - n:int(off[i + 1])] for i, n in enumerate(qlens)])
+    qsl = torch.tensor([0] + qlens, device=DEV).cumsum(0)
+    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+        cache, table, seq_lens = paged_from_jagged(k.to(dtype), v.to(dtype), lengths)
+        want = reference.hstu_attention_paged_naive(qs.double(), cache.double(), table, qsl, seq_lens, alpha=alpha,
+                                                    rel_bias=bias.double())
+        got = hstu_attention_paged(qs.to(dtype), cache, table, qsl, seq_lens, alpha=alpha, rel_bias=bias,
+                                   backend="triton")
+        err = rel_err(got, want)
+        ok &= err < tol
+        print(f"{'lognormal16k chunked':34} {'paged bias':22} {str(dtype)[6:]:6} {err:.2e} {'ok' if err < tol else 'FAIL'}")
+        rec("hstu_attention_check", dict(shape="lognormal_16k_H4_D128_qlen_third", kernel="paged",
+                                         dtype=str(dtype)[6:], mask="causal+bias"), "rel_err_vs_fp64", err, "ratio")
+    return ok
+
+
+def run_bench(rec, torch_ref: bool = True) -> list[dict]:
+    rows = []
+    for name, lengths, H, D in shapes():
+        q, k, v, off = make_inputs(lengths, H, D, torch.bfloat16)
+        alpha = 1.0 / math.sqrt(D)
+        bias = 0.1 * torch.randn(H, 256, device=DEV)
+        cache, table, seq_lens = paged_from_jagged(k, v, lengths)
+        fns = {
+            "triton": lambda: hstu_attention(q, k, v, off, alpha=alpha, backend="triton"),
+            "triton_cold_plan": lambda: (triton_jagged._WORK_CACHE.clear(),
+                                         hstu_attention(q, k, v, off, alpha=alpha, backend="triton")),
+            "triton_rel_bias": lambda: hstu_attention(q, k, v, off, alpha=alpha, rel_bias=bias, backend="triton"),
+            "paged": lambda: hstu_attention_paged(q, cache, table, off, seq_lens, alpha=alpha, backend="triton"),
+        }
+        if torch_ref:
+            fns["torch_padded"] = lambda: hstu_attention(q, k, v, off, alpha=alpha, backend="torch")
+        fl = flops(lengths, H, D)
+        row = dict(shape=name, B=len(lengths), T=sum(lengths), H=H, D=D)
+        for kern, fn in fns.items():
+            ms = bench_ms(fn)
+            tf = fl / ms / 1e9
+            row[kern] = (ms, tf)
+            cfg = dict(shape=name, B=len(lengths), tokens=sum(lengths), H=H, D=D, dtype="bf16", mask="causal",
+                       kernel=kern, page_size=PAGE if kern == "paged" else None,
+                       tile=list(triton_jagged.pick_config(D, None, triton_paged.CONFIGS if kern == "paged" else None))
+                       if kern != "torch_padded" else None)
+            rec("hstu_attention", cfg, "median_ms", ms, "ms")
+            rec("hstu_attention", cfg, "tflops", tf, "TFLOP/s")
+        rows.append(row)
+        print(f"{name:34} " + " ".join(f"{k}={v[0]:.3f}ms/{v[1]:.0f}TF" for k, v in row.items()
+                                        if isinstance(v, tuple)), flush=True)
+        del q, k, v, cache
+        torch.cuda.empty_cache()
+    return rows
+
+
+SWEEP = {
+    64: [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (128, 128, 4, 3)],
+    128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
+          (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 128, 4, 2), (256, 64, 8, 2)],
+    256: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3),
+          (64, 32, 4, 3), (64, 128, 4, 2), (64, 64, 8, 3), (128, 32, 4, 2)],
+}
+
+
+def sweep(rec):
+    """Time each candidate tile config of the jagged (and paged) kernel on the key shapes."""
+    cases = [("B32_L1024_H4_D128", [1024] * 32, 4, 128), ("B16_L2048_H4_D128", [2048] * 16, 4, 128),
+             ("B32_L1024_H2_D256", [1024] * 32, 2, 256), ("B64_L1024_H1_D64", [1024] * 64, 1, 64)]
+    best = {}
+    for name, lengths, H, D in cases:
+        q, k, v, off = make_inputs(lengths, H, D, torch.bfloat16)
+        cache, table, seq_lens = paged_from_jagged(k, v, lengths)
+        fl = flops(lengths, H, D)
+        for kern in ("jagged", "paged"):
+            res = []
+            for cfg in SWEEP[D]:
+                if kern == "jagged":
+                    fn = lambda: triton_jagged.hstu_attention_triton(q, k, v, off, alpha=0.1, config=cfg)
+                else:
+                    fn = lambda: triton_paged.hstu_attention_paged_triton(q, cache, table, off, seq_lens, alpha=0.1,
+                                                                           config=cfg)
+                try:
+                    ms = bench_ms(fn)
+                except Exception as e:  # out of shared memory / registers for this tile
+                    print(f"  {name} {kern} {cfg}: failed ({type(e).__name__})")
+                    continue
+                tf = fl / ms / 1e9
+                res.append((tf, cfg))
+                rec("hstu_attention_sweep", dict(shape=name, kernel=kern, tile=list(cfg), dtype="bf16"),
+                    "tflops", tf, "TFLOP/s")
+            res.sort(reverse=True)
+            print(f"sweep {name} {kern}: " + ", ".join(f"{c}={t:.0f}" for t, c in res[:6]), flush=True)
+            if res:
+                best[(name, kern)] = res[0]
+    return best
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="compare every kernel with fp64 on every shape")
+    ap.add_argument("--sweep", action="store_true", help="time candidate tile configs")
+    ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--no-torch", action="store_true", help="skip the padded PyTorch reference timings")
+    ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--commit", default="unknown")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels.bench needs a CUDA GPU")
+        return 2
+    device = torch.cuda.get_device_name()
+    flags = [f"--{n.replace('_', '-')}" for n in ("check", "sweep", "no_bench", "no_torch") if getattr(args, n)]
+    command = " ".join(["python -m kernels.bench"] + flags + (["--out", "bench/results.jsonl"] if args.out else []))
+    rec = Recorder(args.out, device, args.commit, command)
+    print(f"device: {device}; torch {torch.__version__}; triton {triton.__version__}", flush=True)
+    ok = True
+    if args.sweep:
+        sweep(rec)
+    if args.check:
+        ok = check(rec)
+        print("check:", "all ok" if ok else "FAILURES", flush=True)
+    if not args.no_bench:
+        run_bench(rec, torch_ref=not args.no_torch)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Triton forward kernel for jagged HSTU attention (packed (T, H, D) rows, per-user offsets, no padding).
+
+One program computes BLOCK_M query rows of one (user, head). Programs come from a work list of (user, m-block)
+tiles, longest users first and each user's tiles side by side (see build_work_list), so long and short users share
+one launch without idle programs. Each row sees at most two key intervals (see reference.py): interval 1 = [0, hi_i) is walked
+as unmasked blocks (keys every row of the tile sees) and then masked blocks; interval 2 (a candidate row's own key)
+gets its own short masked loop. A new mask only has to say, per row, where its intervals start and end.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # fast reciprocal division on the GPU; the CPU interpreter has no libdevice
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover
+    libdevice = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read when this module's kernels are decorated
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, picked on an H100 by `python -m kernels.bench --sweep`.
+CONFIGS: dict[int, tuple[int, int, int, int]] = {
+    16: (64, 32, 4, 2),
+    32: (64, 64, 4, 2),
+    64: (128, 64, 4, 3),
+    128: (128, 64, 8, 3),
+    256: (128, 64, 8, 2),
+}
+INTERPRET_CONFIG = (32, 16, 4, 1)
+
+
+def pick_config(D: int, config=None, table: dict | None = None) -> tuple[int, int, int, int]:
+    """Explicit config, else the interpreter's small one, else table[D], else CONFIGS[D]."""
+    if config is not None:
+        return tuple(config)
+    if INTERPRET:
+        return INTERPRET_CONFIG
+    return (table or {}).get(D) or CONFIGS[D]
+
+
+@triton.jit
+def _silu(s, FAST: tl.constexpr):
+    if FAST:
+        return libdevice.fast_dividef(s, 1.0 + tl.exp(-s))
+    else:
+        return s / (1.0 + tl.exp(-s))
+
+
+@triton.jit
+def _attend(acc, q, k_ptrs, v_ptrs, cols, rows, key_end, lo, hi, bias_ptr, R, alpha,
+            MASK: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr):
+    """acc += silu(alpha * q k^T + bias) * [lo <= col < hi] @ v for one block of keys (cols)."""
+    if MASK:
+        ok = cols < key_end
+        k = tl.load(k_ptrs, mask=ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * alpha
+    if HAS_BIAS:
+        dist = tl.minimum(tl.abs(rows[:, None] - cols[None, :]), R - 1)
+        s += tl.load(bias_ptr + dist)
+    p = _silu(s, FAST)
+    if MASK:
+        vis = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+        p = tl.where(vis, p, 0.0)
+    return tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+
+
+@triton.jit
+def _hstu_jagged_fwd(Q, K, V, O, offsets, work, prefix_lens, num_cands, bias,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                     alpha, R, H,
+                     HAS_PREFIX: tl.constexpr, HAS_CANDS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     NORM_LENGTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                     FAST: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    h = pid % H
+    w = pid // H
+    seq = tl.load(work + 2 * w)
+    if seq < 0:
+        return
+    mblk = tl.load(work + 2 * w + 1)
+    start = tl.load(offsets + seq).to(tl.int64)
+    L = (tl.load(offsets + seq + 1) - start).to(tl.int32)
+    hist = L
+    if HAS_CANDS:
+        hist = L - tl.minimum(tl.maximum(tl.load(num_cands + seq).to(tl.int32), 0), L)
+    P = 0
+    if HAS_PREFIX:
+        P = tl.minimum(tl.maximum(tl.load(prefix_lens + seq).to(tl.int32), 0), hist)
+
+    m0 = mblk * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    row_ok = rows < L
+    q = tl.load(Q + (start + rows)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    k_ptrs = K + (start + offs_n)[:, None] * stride_kt + h * stride_kh + offs_d[None, :]
+    v_ptrs = V + (start + offs_n)[:, None] * stride_vt + h * stride_vh + offs_d[None, :]
+    bias_h = bias + h * R
+
+    # Interval 1: [0, hi_i), hi_i = min(max(i + 1, P), hist); nondecreasing in i.
+    hi = tl.minimum(tl.maximum(rows + 1, P), hist)
+    last = tl.minimum(m0 + BLOCK_M, L) - 1
+    full_end = (tl.minimum(tl.maximum(m0 + 1, P), hist) // BLOCK_N) * BLOCK_N  # keys all rows of the tile see
+    tile_end = tl.minimum(tl.maximum(last + 1, P), hist)
+    zero = tl.full([BLOCK_M], 0, tl.int32)  # tl.full, not tl.zeros: the interpreter can't run tl.zeros once
+    # Triton was imported without TRITON_INTERPRET (tl.zeros is itself a jit function)
+    acc = tl.full([BLOCK_M, D], 0.0, tl.float32)
+    for n0 in range(0, full_end, BLOCK_N):
+        acc = _attend(acc, q, k_ptrs + n0 * stride_kt, v_ptrs + n0 * stride_vt, n0 + offs_n, rows, L, zero, hi,
+                      bias_h, R, alpha, False, HAS_BIAS, FAST, PREC)
+    for n0 in range(full_end, tile_end, BLOCK_N):
+        acc = _attend(acc, q, k_ptrs + n0 * stride_kt, v_ptrs + n0 * stride_vt, n0 + offs_n, rows, L, zero, hi,
+                      bias_h, R, alpha, True, HAS_BIAS, FAST, PREC)
+    n_vis = hi
+    if HAS_CANDS:
+        # Interval 2: a candidate row (i >= hist) also sees [i, i + 1).
+        is_cand = rows >= hist
+        lo2 = rows
+        hi2 = tl.where(is_cand, rows + 1, rows)
+        for n0 in range(tl.maximum(m0, hist), last + 1, BLOCK_N):
+            acc = _attend(acc, q, k_ptrs + n0 * stride_kt, v_ptrs + n0 * stride_vt, n0 + offs_n, rows, L, lo2, hi2,
+                          bias_h, R, alpha, True, HAS_BIAS, FAST, PREC)
+        n_vis = hi + is_cand.to(tl.int32)
+
+    if NORM_LENGTH:
+        inv = 1.0 / L.to(tl.float32)
+        out = acc * inv
+    else:
+        inv = 1.0 / tl.maximum(n_vis, 1).to(tl.float32)
+        out = acc * inv[:, None]
+    tl.store(O + (start + rows)[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+def build_work_list(row_counts: torch.Tensor, seq_keys: torch.Tensor, block_m: int, num_slots: int) -> torch.Tensor:
+    """(num_slots, 2) int32 tiles (seq, m_block); unused slots hold seq -1 and come last.
+
+    Order: sequences by seq_keys (their length) descending, and within a sequence m-blocks descending (the causal
+    tiles with the most keys first). Long users start first and short tiles fill the tail, and the tiles of one
+    sequence run side by side so its K/V is read from L2 rather than HBM. Device ops only (no host sync).
+    """
+    dev = row_counts.device
+    B = row_counts.numel()
+    rc = row_counts.to(torch.int64)
+    tiles = (rc + block_m - 1) // block_m
+    cum = torch.cumsum(tiles, 0)
+    slot = torch.arange(num_slots, device=dev)
+    seq = torch.searchsorted(cum, slot, right=True).clamp(max=max(B - 1, 0))
+    valid = slot < cum[-1]
+    mblk = slot - (cum - tiles)[seq]
+    key = (seq_keys.to(torch.int64)[seq] * B + (B - 1 - seq)) * num_slots + mblk
+    order = torch.sort(torch.where(valid, key, -1), descending=True, stable=True).indices
+    work = torch.stack([torch.where(valid, seq, -1), torch.where(valid, mblk, 0)], 1)[order]
+    return work.to(torch.int32).contiguous()
+
+
+_WORK_CACHE: list = []  # one entry: (key tensors, their versions, params, work list)
+
+
+def _cached_work(tensors: tuple, params: tuple, make) -> torch.Tensor:
+    """Reuse the work list while the model calls every layer with the same offsets tensors (identity + version)."""
+    versions = tuple(t._version if t is not None else None for t in tensors)
+    if _WORK_CACHE:
+        ts, vs, ps, work = _WORK_CACHE[0]
+        if ps == params and vs == versions and all(a is b for a, b in zip(ts, tensors)):
+            return work
+    work = make()
+    _WORK_CACHE[:] = [(tensors, versions, params, work)]
+    return work
+
+
+def hstu_attention_triton(q, k, v, offsets, *, alpha: float, prefix_lens=None, num_candidates=None, rel_bias=None,
+                          norm: str = "visible", config=None, work=None) -> torch.Tensor:
+    """Launch the jagged kernel. Inputs are validated by kernels.hstu_attention."""
+    T, H, D = q.shape
+    B = offsets.numel() - 1
+    out = torch.empty_like(q)
+    if T == 0 or B == 0:
+        return out
+    BM, BN, warps, stages = pick_config(D, config)
+    lengths = offsets[1:] - offsets[:-1]
+    if work is None:
+        work = _cached_work((offsets,), (BM, T, B, str(q.device)),
+                            lambda: build_work_list(lengths, lengths, BM, T // BM + B))
+    dummy = offsets
+    bias = rel_bias.to(torch.float32).contiguous() if rel_bias is not None else q.new_zeros(1, dtype=torch.float32)
+    R = bias.shape[-1] if rel_bias is not None else 1
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (work.shape[0] * H,)
+    _hstu_jagged_fwd[grid](
+        q, k, v, out, offsets, work,
+        prefix_lens if prefix_lens is not None else dummy, num_candidates if num_candidates is not None else dummy,
+        bias, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+        out.stride(1), float(alpha), R, H,
+        HAS_PREFIX=prefix_lens is not None, HAS_CANDS=num_candidates is not None, HAS_BIAS=rel_bias is not None,
+        NORM_LENGTH=norm == "length", BLOCK_M=BM, BLOCK_N=BN, D=D, FAST=not INTERPRET, PREC=prec,
+        num_warps=warps, num_stages=stages)
+    return out

@@ -1,0 +1,148 @@
+"""Triton forward kernel for paged HSTU attention (vLLM backend): query rows of several requests in one launch,
+K/V read through the block table. Causal: a row at absolute position p sees context keys [0, p].
+
+The structure follows triton_jagged: tiles of BLOCK_M query rows, longest first; unmasked key blocks below the
+tile's first row, masked blocks on the diagonal. When the page size is a multiple of BLOCK_N a key block lies in one
+page (one block-table read per block); otherwise each key's page is gathered.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_jagged import _silu, build_work_list, pick_config, INTERPRET
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim when they differ from the jagged kernel's.
+CONFIGS: dict[int, tuple[int, int, int, int]] = {}
+
+
+@triton.jit
+def _paged_attend(acc, q, KV, bt_row, n0, offs_n, offs_d, rows_pos, key_end, h, stride_cb, stride_ch, stride_cs,
+                  bias_ptr, R, alpha, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                  MASK: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr):
+    cols = n0 + offs_n
+    if PAGE % BLOCK_N == 0:
+        blk = tl.load(bt_row + n0 // PAGE).to(tl.int64)
+        base = KV + blk * stride_cb + h * stride_ch + ((n0 % PAGE) + offs_n)[:, None] * stride_cs
+    else:
+        if MASK:
+            blk = tl.load(bt_row + cols // PAGE, mask=cols < key_end, other=0).to(tl.int64)
+        else:
+            blk = tl.load(bt_row + cols // PAGE).to(tl.int64)
+        base = KV + blk[:, None] * stride_cb + h * stride_ch + (cols % PAGE)[:, None] * stride_cs
+    k_ptrs = base + offs_d[None, :]
+    if MASK:
+        ok = cols < key_end
+        k = tl.load(k_ptrs, mask=ok[:, None], other=0.0)
+        v = tl.load(k_ptrs + D, mask=ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(k_ptrs + D)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * alpha
+    if HAS_BIAS:
+        dist = tl.minimum(tl.abs(rows_pos[:, None] - cols[None, :]), R - 1)
+        s += tl.load(bias_ptr + dist)
+    p = _silu(s, FAST)
+    if MASK:
+        p = tl.where(cols[None, :] <= rows_pos[:, None], p, 0.0)
+    return tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+
+
+@triton.jit
+def _hstu_paged_fwd(Q, KV, O, query_start_loc, seq_lens, block_table, work, bias,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ch, stride_cs, stride_bt,
+                    alpha, R, H,
+                    PAGE: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_LENGTH: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                    FAST: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    h = pid % H
+    w = pid // H
+    r = tl.load(work + 2 * w)
+    if r < 0:
+        return
+    mblk = tl.load(work + 2 * w + 1)
+    qs = tl.load(query_start_loc + r).to(tl.int64)
+    qlen = (tl.load(query_start_loc + r + 1) - qs).to(tl.int32)
+    S = tl.load(seq_lens + r).to(tl.int32)
+    first = S - qlen  # absolute position of the request's first query row
+
+    m0 = mblk * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    pos = first + rows
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    row_ok = rows < qlen
+    q = tl.load(Q + (qs + rows)[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None],
+                other=0.0)
+    bt_row = block_table + r.to(tl.int64) * stride_bt
+    bias_h = bias + h * R
+
+    full_end = ((first + m0 + 1) // BLOCK_N) * BLOCK_N
+    tile_end = first + tl.minimum(m0 + BLOCK_M, qlen)
+    acc = tl.full([BLOCK_M, D], 0.0, tl.float32)
+    for n0 in range(0, full_end, BLOCK_N):
+        acc = _paged_attend(acc, q, KV, bt_row, n0, offs_n, offs_d, pos, S, h, stride_cb, stride_ch, stride_cs,
+                            bias_h, R, alpha, PAGE, BLOCK_N, D, False, HAS_BIAS, FAST, PREC)
+    for n0 in range(full_end, tile_end, BLOCK_N):
+        acc = _paged_attend(acc, q, KV, bt_row, n0, offs_n, offs_d, pos, S, h, stride_cb, stride_ch, stride_cs,
+                            bias_h, R, alpha, PAGE, BLOCK_N, D, True, HAS_BIAS, FAST, PREC)
+    if NORM_LENGTH:
+        out = acc * (1.0 / S.to(tl.float32))
+    else:
+        out = acc * (1.0 / (pos + 1).to(tl.float32))[:, None]
+    tl.store(O + (qs + rows)[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+def hstu_attention_paged_triton(q, kv_cache, block_table, query_start_loc, seq_lens, *, alpha: float,
+                                rel_bias=None, norm: str = "visible", config=None, work=None) -> torch.Tensor:
+    """Launch the paged kernel. Inputs are validated by kernels.hstu_attention_paged."""
+    Tq, H, D = q.shape
+    nreq = seq_lens.numel()
+    out = torch.empty_like(q)
+    if Tq == 0 or nreq == 0:
+        return out
+    BM, BN, warps, stages = pick_config(D, config, CONFIGS)
+    page = kv_cache.shape[2]
+    if work is None:
+        work = build_work_list(query_start_loc[1:] - query_start_loc[:-1], seq_lens, BM, Tq // BM + nreq)
+    bias = rel_bias.to(torch.float32).contiguous() if rel_bias is not None else q.new_zeros(1, dtype=torch.float32)
+    R = bias.shape[-1] if rel_bias is not None else 1
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (work.shape[0] * H,)
+    _hstu_paged_fwd[grid](
+        q, kv_cache, out, query_start_loc, seq_lens, block_table, work, bias,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv_cache.stride(0), kv_cache.stride(1),
+        kv_cache.stride(2), block_table.stride(0), float(alpha), R, H,
+        PAGE=page, HAS_BIAS=rel_bias is not None, NORM_LENGTH=norm == "length", BLOCK_M=BM, BLOCK_N=BN, D=D,
+        FAST=not INTERPRET, PREC=prec, num_warps=warps, num_stages=stages)
+    return out
+
+
+@triton.jit
+def _write_kv_kernel(K, V, KV, slots, stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ch, stride_cs,
+                     H, PAGE: tl.constexpr, D: tl.constexpr):
+    pid = tl.program_id(0)
+    t = pid // H
+    h = pid % H
+    slot = tl.load(slots + t).to(tl.int64)
+    if slot < 0:  # padding row
+        return
+    offs_d = tl.arange(0, D)
+    dst = KV + (slot // PAGE) * stride_cb + h * stride_ch + (slot % PAGE) * stride_cs + offs_d
+    k = tl.load(K + t * stride_kt + h * stride_kh + offs_d)
+    v = tl.load(V + t * stride_vt + h * stride_vh + offs_d)
+    tl.store(dst, k.to(KV.dtype.element_ty))
+    tl.store(dst + D, v.to(KV.dtype.element_ty))
+
+
+def write_kv_cache_triton(k, v, kv_cache, slot_mapping) -> None:
+    """kv_cache[slot // bs, h, slot % bs] = concat(k, v) per row; rows with slot < 0 are skipped (no host sync)."""
+    T, H, D = k.shape
+    if T == 0:
+        return
+    _write_kv_kernel[(T * H,)](k, v, kv_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                               kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), H,
+                               PAGE=kv_cache.shape[2], D=D, num_warps=1)

@@ -1,0 +1,261 @@
+"""HSTU attention kernels: PyTorch references against a per-user loop, and the Triton kernels in the CPU interpreter
+(TRITON_INTERPRET=1 is set only while this module loads its own copies of the kernel modules, then restored)."""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference as ref
+
+ALPHA = 0.35
+
+
+def _offsets(lengths):
+    return torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
+
+
+def _rand(T, H, D, dtype, gen):
+    return [torch.randn(T, H, D, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3)]
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# Ragged lengths: 1, block-size multiples and not, prefix longer than the history, candidates of every kind.
+LENGTHS = [1, 17, 40, 64, 5, 33, 2]
+PREFIX = torch.tensor([0, 3, 5, 70, 2, 40, 1])
+CANDS = torch.tensor([0, 4, 0, 10, 5, 3, 1])
+MASKS = {
+    "causal": {},
+    "prefix": dict(prefix_lens=PREFIX),
+    "candidates": dict(num_candidates=CANDS),
+    "prefix+cand+bias": dict(prefix_lens=PREFIX, num_candidates=CANDS, bias=True),
+    "length-norm+bias": dict(norm="length", bias=True),
+}
+
+
+def _mask_kwargs(spec, H, gen, dtype=torch.float64):
+    kw = {k: v for k, v in spec.items() if k != "bias"}
+    if spec.get("bias"):
+        kw["rel_bias"] = torch.randn(H, 9, generator=gen, dtype=torch.float64).to(dtype)
+    return kw
+
+
+def test_visible_mask_matches_rules():
+    # Literal reading of the contract: prefix rows see [0, P); other history rows are causal; a candidate sees the
+    # history and itself.
+    for L, P, C in [(1, 0, 0), (7, 3, 0), (7, 0, 3), (9, 4, 3), (5, 9, 2), (6, 0, 6)]:
+        hist = L - C
+        Pc = min(P, hist)
+        want = torch.zeros(L, L, dtype=torch.bool)
+        for i in range(L):
+            for j in range(L):
+                if i >= hist:
+                    want[i, j] = j < hist or j == i
+                elif i < Pc:
+                    want[i, j] = j < Pc
+                else:
+                    want[i, j] = j <= i
+        mask, n = ref.visible_mask(L, P, C)
+        assert torch.equal(mask, want), (L, P, C)
+        assert torch.equal(n, want.sum(1)), (L, P, C)
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+def test_torch_matches_naive(name, monkeypatch):
+    monkeypatch.setattr(ref, "_CHUNK_ELEMS", 2 * 64 * 64)  # force several chunks
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = _rand(sum(LENGTHS), 2, 8, torch.float64, gen)
+    kw = _mask_kwargs(MASKS[name], 2, gen)
+    off = _offsets(LENGTHS)
+    want = ref.hstu_attention_naive(q, k, v, off, alpha=ALPHA, **kw)
+    got = kernels.hstu_attention(q, k, v, off, alpha=ALPHA, **kw)  # CPU: auto -> torch
+    assert _rel(got, want) < 1e-12
+
+
+def test_torch_gradients_match_naive():
+    gen = torch.Generator().manual_seed(2)
+    off = _offsets([3, 1, 6])
+    kw = _mask_kwargs(MASKS["prefix+cand+bias"], 2, gen)
+    kw["prefix_lens"], kw["num_candidates"] = torch.tensor([2, 0, 1]), torch.tensor([1, 0, 2])
+    grads = []
+    for fn in (ref.hstu_attention_naive, kernels.hstu_attention):
+        q, k, v = (t.clone().requires_grad_() for t in _rand(10, 2, 4, torch.float64, torch.Generator().manual_seed(3)))
+        bias = kw["rel_bias"].clone().requires_grad_()
+        out = fn(q, k, v, off, alpha=ALPHA, **{**kw, "rel_bias": bias})
+        (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out).sin()).sum().backward()
+        grads.append([q.grad, k.grad, v.grad, bias.grad])
+    for a, b in zip(*grads):
+        assert _rel(b, a) < 1e-12
+
+
+def test_empty_sequences_and_float32():
+    gen = torch.Generator().manual_seed(4)
+    lengths = [0, 3, 0, 2]
+    q, k, v = _rand(5, 1, 16, torch.float32, gen)
+    out = kernels.hstu_attention(q, k, v, _offsets(lengths), alpha=ALPHA)
+    want = ref.hstu_attention_naive(q.double(), k.double(), v.double(), _offsets(lengths), alpha=ALPHA)
+    assert out.dtype == torch.float32 and _rel(out, want) < 1e-6
+
+
+def test_argument_errors():
+    q = torch.randn(4, 2, 16)
+    off = torch.tensor([0, 4])
+    with pytest.raises(ValueError, match="shape"):
+        kernels.hstu_attention(q, q[:, :1], q, off, alpha=1.0)
+    with pytest.raises(ValueError, match="norm"):
+        kernels.hstu_attention(q, q, q, off, alpha=1.0, norm="max")
+    with pytest.raises(ValueError, match="prefix_lens"):
+        kernels.hstu_attention(q, q, q, off, alpha=1.0, prefix_lens=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="offsets"):
+        kernels.hstu_attention(q, q, q, torch.tensor([0, 3]), alpha=1.0)
+    with pytest.raises(ValueError, match="rel_bias"):
+        kernels.hstu_attention(q, q, q, off, alpha=1.0, rel_bias=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="CUDA"):
+        kernels.hstu_attention(q, q, q, off, alpha=1.0, backend="triton")
+    with pytest.raises(ValueError, match="kv_cache"):
+        kernels.hstu_attention_paged(q, torch.zeros(2, 2, 4, 16), torch.zeros(1, 1, dtype=torch.int32),
+                                     torch.tensor([0, 4]), torch.tensor([4]), alpha=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paged
+
+
+def _paged_case(dtype, page, gen, H=2, D=16, ctx=(1, 17, 40, 64, 5), qlens=(1, 17, 9, 1, 5)):
+    """Random KV cache with shuffled pages; request r's query rows are the last qlens[r] of ctx[r] tokens."""
+    total_pages = sum((c + page - 1) // page for c in ctx) + 3
+    perm = torch.randperm(total_pages, generator=gen)
+    max_pages = max((c + page - 1) // page for c in ctx)
+    table = torch.zeros(len(ctx), max_pages + 1, dtype=torch.int32)
+    used = 0
+    for r, c in enumerate(ctx):
+        n = (c + page - 1) // page
+        table[r, :n] = perm[used:used + n].int()
+        used += n
+    kc, vc = torch.randn(2, sum(ctx), H, D, generator=gen, dtype=torch.float64).to(dtype)
+    slots = []
+    for r, c in enumerate(ctx):
+        p = torch.arange(c)
+        slots.append(table[r, p // page].long() * page + p % page)
+    cache = torch.randn(total_pages, H, page, 2 * D, generator=gen, dtype=torch.float64).to(dtype)  # garbage
+    ref.write_kv_cache_torch(kc, vc, cache, torch.cat(slots))
+    q = torch.randn(sum(qlens), H, D, generator=gen, dtype=torch.float64).to(dtype)
+    qsl = _offsets(list(qlens))
+    seq_lens = torch.tensor(ctx)
+    return q, cache, table, qsl, seq_lens, (kc, vc, torch.cat(slots))
+
+
+def test_paged_torch_matches_naive_and_jagged():
+    gen = torch.Generator().manual_seed(5)
+    q, cache, table, qsl, seq_lens, _ = _paged_case(torch.float64, 4, gen)
+    bias = torch.randn(2, 7, generator=gen, dtype=torch.float64)
+    for kw in ({}, dict(rel_bias=bias, norm="length")):
+        want = ref.hstu_attention_paged_naive(q, cache, table, qsl, seq_lens, alpha=ALPHA, **kw)
+        got = kernels.hstu_attention_paged(q, cache, table, qsl, seq_lens, alpha=ALPHA, **kw)
+        assert _rel(got, want) < 1e-12
+    # Full prefill (q = the whole context) equals the jagged causal kernel on the same rows.
+    ctx = [3, 9, 1]
+    q, cache, table, qsl, seq_lens, (kc, vc, _) = _paged_case(torch.float64, 4, gen, ctx=ctx, qlens=ctx)
+    paged = kernels.hstu_attention_paged(q, cache, table, qsl, seq_lens, alpha=ALPHA, rel_bias=bias)
+    jag = kernels.hstu_attention(q, kc, vc, _offsets(ctx), alpha=ALPHA, rel_bias=bias)
+    assert _rel(paged, jag) < 1e-12
+
+
+def test_write_kv_cache_skips_padding():
+    cache = torch.zeros(3, 2, 4, 8)
+    k, v = torch.randn(2, 3, 2, 4)
+    kernels.write_kv_cache(k, v, cache, torch.tensor([5, -1, 0]))
+    assert torch.equal(cache[1, :, 1, :4], k[0]) and torch.equal(cache[1, :, 1, 4:], v[0])
+    assert torch.equal(cache[0, :, 0, :4], k[2]) and torch.equal(cache[0, :, 0, 4:], v[2])
+    assert int((cache != 0).sum()) == 2 * 2 * 8  # nothing else written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernels in the CPU interpreter
+
+
+@pytest.fixture(scope="module")
+def interp():
+    """Private interpreted copies of kernels.triton_jagged / triton_paged. TRITON_INTERPRET=1 is set only while
+    these tests run (Triton reads it at decoration and again while interpreting) and restored afterwards, and the
+    copies are kept out of sys.modules, so no other test module sees either."""
+    names = ("kernels.triton_jagged", "kernels.triton_paged")
+    saved_env = os.environ.get("TRITON_INTERPRET")
+    saved_mods = {n: sys.modules.pop(n, None) for n in names}
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        jag = importlib.import_module(names[0])
+        pag = importlib.import_module(names[1])
+        assert jag.INTERPRET
+        yield jag, pag
+    finally:
+        if saved_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved_env
+        for n in names:
+            sys.modules.pop(n, None)
+            if saved_mods[n] is not None:
+                sys.modules[n] = saved_mods[n]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("name", list(MASKS))
+def test_triton_jagged_interpreter(interp, name, dtype, tol):
+    jag, _ = interp
+    gen = torch.Generator().manual_seed(6)
+    H, D = 2, 32
+    q, k, v = _rand(sum(LENGTHS), H, D, dtype, gen)
+    kw = _mask_kwargs(MASKS[name], H, gen, torch.float32)
+    off = _offsets(LENGTHS)
+    want = ref.hstu_attention_naive(q.double(), k.double(), v.double(), off, alpha=ALPHA,
+                                    **{a: (b.double() if a == "rel_bias" else b) for a, b in kw.items()})
+    got = jag.hstu_attention_triton(q, k, v, off, alpha=ALPHA, **kw)
+    assert got.dtype == dtype
+    assert _rel(got, want) < tol
+
+
+def test_triton_jagged_interpreter_strided_and_64(interp):
+    """Row-strided views (q, k, v slices of one fused projection) and head_dim 64."""
+    jag, _ = interp
+    gen = torch.Generator().manual_seed(7)
+    lengths = [33, 1, 20]
+    T, H, D = sum(lengths), 1, 64
+    fused = torch.randn(T, H, 3 * D, generator=gen).to(torch.float16)
+    q, k, v = fused[..., :D], fused[..., D:2 * D], fused[..., 2 * D:]
+    off = _offsets(lengths)
+    want = ref.hstu_attention_naive(q.double(), k.double(), v.double(), off, alpha=ALPHA)
+    assert _rel(jag.hstu_attention_triton(q, k, v, off, alpha=ALPHA), want) < 1e-2
+
+
+@pytest.mark.parametrize("page", [8, 16, 32])  # BLOCK_N is 16 in the interpreter: gather path and page-uniform path
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+def test_triton_paged_interpreter(interp, page, dtype, tol):
+    _, pag = interp
+    gen = torch.Generator().manual_seed(8)
+    q, cache, table, qsl, seq_lens, _ = _paged_case(dtype, page, gen)
+    bias = torch.randn(2, 11, generator=gen)
+    for kw in ({}, dict(rel_bias=bias, norm="length")):
+        want = ref.hstu_attention_paged_naive(q.double(), cache.double(), table, qsl, seq_lens, alpha=ALPHA,
+                                              **{a: (b.double() if a == "rel_bias" else b) for a, b in kw.items()})
+        got = pag.hstu_attention_paged_triton(q, cache, table, qsl, seq_lens, alpha=ALPHA, **kw)
+        assert _rel(got, want) < tol
+
+
+def test_triton_write_kv_cache_interpreter(interp):
+    _, pag = interp
+    gen = torch.Generator().manual_seed(9)
+    cache_a = torch.randn(4, 2, 8, 32, generator=gen).half()
+    cache_b = cache_a.clone()
+    k, v = torch.randn(2, 6, 2, 16, generator=gen).half()
+    slots = torch.tensor([3, 17, -1, 8, 31, 0])
+    ref.write_kv_cache_torch(k, v, cache_a, slots)
+    pag.write_kv_cache_triton(k, v, cache_b, slots)
+    assert torch.equal(cache_a, cache_b)
