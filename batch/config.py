@@ -1,0 +1,213 @@
+"""Hydra structured configs of the batch job: the single source of truth for every key.
+
+``conf/config.yaml`` composes the groups ``data``, ``model``, ``engine`` and ``output``; each group's YAML files
+name their schema in their defaults list (``data_schema``, ``model_schema``, ``torch_schema``, ``output_schema``)
+and the root schema types the groups, so a misspelt key or a wrong type fails while composing. Range and format
+checks that a type cannot express run in :func:`validate` right after ``OmegaConf.to_object``.
+
+To add an engine: write its dataclass (subclass :class:`EngineConfig`), add it to ``ENGINE_SCHEMAS`` and a
+``conf/engine/<name>.yaml`` whose defaults list names ``<name>_schema``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from batch.errors import ConfigError
+
+
+class EngineName(str, Enum):
+    torch = "torch"
+    vllm = "vllm"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class OutputFormat(str, Enum):
+    long = "long"  # one row per (user, rank)
+    nested = "nested"  # one row per user with a list<struct<item_id, score, rank>>
+
+
+class Compression(str, Enum):
+    zstd = "zstd"
+    snappy = "snappy"
+    gzip = "gzip"
+    lz4 = "lz4"
+    brotli = "brotli"
+    uncompressed = "uncompressed"
+
+
+# Model field -> input column name. Profile features of the checkpoint default to a column of their own name.
+EVENT_FIELDS = ("user_id", "item_id", "timestamp", "watch_duration", "watch_percentage",
+                "is_liked", "is_favorited", "is_shared", "session_id")
+DEFAULT_COLUMNS = {f: f for f in EVENT_FIELDS} | {"item_id": "video_id"}
+
+
+@dataclass
+class DataConfig:
+    """Where the behaviour log is and which slice of it one run reads."""
+
+    path: str = MISSING  # file | directory | glob | Hive tree, local or s3:// gs:// file:// URL
+    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to Polars (object_store keys)
+    columns: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_COLUMNS))
+    run_date: str = MISSING  # YYYY-MM-DD; the window is [run_date - lookback_days, run_date) in UTC
+    lookback_days: int = 28
+    filter: Optional[str] = None  # extra Polars SQL predicate on input columns, e.g. "category != 7"
+    max_seq_len: Optional[int] = None  # tokens incl. the profile prefix; null = the checkpoint's
+    num_shards: int = 1  # users are split into this many shards; peak memory ~ one shard
+
+
+@dataclass
+class ModelConfig:
+    """The checkpoint to score with, and the preset it must match."""
+
+    checkpoint: str = MISSING  # checkpoint directory (config.json + model.safetensors + items.parquet)
+    name: str = "custom"  # preset name, for the manifest
+    arch: dict[str, Any] = field(default_factory=dict)  # MTGRConfig hyper-parameters the checkpoint must have
+
+
+@dataclass
+class EngineConfig:
+    """Fields every engine has; each engine's schema subclasses this."""
+
+    name: EngineName = MISSING
+
+
+@dataclass
+class TorchEngineConfig(EngineConfig):
+    """The native PyTorch engine: jagged batches packed by a token budget."""
+
+    name: EngineName = EngineName.torch
+    device: Device = Device.auto  # auto = cuda when available, else cpu
+    dtype: DType = DType.float32
+    batch_tokens: int = 16384  # token budget of one jagged batch (no padding)
+
+
+@dataclass
+class OutputConfig:
+    """Where and how the top-K recommendations are written."""
+
+    path: str = "outputs/recommendations"  # root; a run writes <path>/dt=<run_date>/
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    top_k: int = 10
+    format: OutputFormat = OutputFormat.long
+    exclude_seen: bool = True  # never recommend an item the user already has in its sequence
+    compression: Compression = Compression.zstd
+
+
+@dataclass
+class JobConfig:
+    """The whole job: ``python -m batch.run`` composes this from conf/config.yaml."""
+
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    engine: EngineConfig = MISSING
+    output: OutputConfig = MISSING
+
+
+ENGINE_SCHEMAS: dict[str, type[EngineConfig]] = {"torch": TorchEngineConfig}
+
+
+def register_configs() -> None:
+    """Put every schema in Hydra's ConfigStore (idempotent; called on import)."""
+    cs = ConfigStore.instance()
+    cs.store(name="job_schema", node=JobConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="model", name="custom", node=ModelConfig)  # model=custom: any checkpoint, no preset check
+    cs.store(group="output", name="output_schema", node=OutputConfig)
+    for name, schema in ENGINE_SCHEMAS.items():
+        cs.store(group="engine", name=f"{name}_schema", node=schema)
+
+
+register_configs()
+
+
+# -- semantic validation -----------------------------------------------------------------------------------------
+
+def to_job_config(cfg: DictConfig) -> JobConfig:
+    """The composed DictConfig as plain dataclasses (interpolations resolved), validated."""
+    try:
+        job = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:  # e.g. a mandatory value (???) left unset
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{key}: {e.msg}" if key else str(e)) from None
+    if not isinstance(job, JobConfig):  # composed without the root schema (e.g. hand-made DictConfig)
+        raise ConfigError("configuration was not composed from conf/config.yaml (missing job_schema)")
+    reject_unknown_keys(cfg, job)
+    validate(job)
+    return job
+
+
+def validate(job: JobConfig) -> None:
+    """Range, format and cross-field checks; raise ConfigError naming the key and what is allowed."""
+    d, e, o = job.data, job.engine, job.output
+    _require(bool(d.path), "data.path", d.path, "a file, directory, glob or URL")
+    _require(_is_date(d.run_date), "data.run_date", d.run_date, "a date YYYY-MM-DD")
+    _require(d.lookback_days >= 1, "data.lookback_days", d.lookback_days, "an integer >= 1")
+    _require(1 <= d.num_shards <= 65536, "data.num_shards", d.num_shards, "an integer in [1, 65536]")
+    _require(d.max_seq_len is None or d.max_seq_len >= 3, "data.max_seq_len", d.max_seq_len,
+             "null (the checkpoint's) or an integer >= 3")
+    for key in ("user_id", "item_id", "timestamp"):
+        _require(bool(d.columns.get(key)), f"data.columns.{key}", d.columns.get(key), "an input column name")
+    if d.filter:
+        import polars as pl
+
+        try:
+            pl.sql_expr(d.filter)
+        except Exception as err:  # Polars raises several types for a bad predicate
+            raise ConfigError(f"data.filter={d.filter!r} is not a valid Polars SQL predicate: {err}") from None
+    _require(bool(job.model.checkpoint), "model.checkpoint", job.model.checkpoint, "a checkpoint directory")
+    _require(e.name.value in ENGINE_SCHEMAS or e.name == EngineName.vllm, "engine.name", e.name.value,
+             f"one of {sorted(ENGINE_SCHEMAS)}")
+    if isinstance(e, TorchEngineConfig):
+        _require(e.batch_tokens >= 1, "engine.batch_tokens", e.batch_tokens, "an integer >= 1")
+    _require(bool(o.path), "output.path", o.path, "a directory or URL")
+    _require(1 <= o.top_k <= 10000, "output.top_k", o.top_k, "an integer in [1, 10000]")
+
+
+def reject_unknown_keys(cfg: DictConfig, schema: Any, prefix: str = "") -> None:
+    """Keys added with ``+key=value`` bypass the schema and would be dropped silently; refuse them."""
+    allowed = {f.name: getattr(schema, f.name) for f in dataclasses.fields(schema)}
+    for key in cfg:
+        if key not in allowed:
+            raise ConfigError(f"{prefix}{key} is not a configuration key: expected one of {sorted(allowed)}")
+        if dataclasses.is_dataclass(allowed[key]):
+            reject_unknown_keys(cfg[key], allowed[key], f"{prefix}{key}.")
+
+
+def window(data: DataConfig) -> tuple[dt.date, dt.date]:
+    """The run's event window ``[start, end)`` as dates (UTC days)."""
+    end = dt.date.fromisoformat(data.run_date)
+    return end - dt.timedelta(days=data.lookback_days), end
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: expected {allowed}")
+
+
+def _is_date(value: Any) -> bool:
+    try:
+        dt.date.fromisoformat(str(value))
+        return len(str(value)) == 10
+    except ValueError:
+        return False
