@@ -13,7 +13,6 @@ import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 import hydra
 import numpy as np
@@ -21,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
 from hydra.utils import to_absolute_path
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
+from batch.config import ModelConfig
 from batch.dataset import build_item_vocab, encode, read_user_sequences
 from batch.evaluate import evaluate
 from batch.model import MTGR, MTGRConfig, TokenLayout, save_checkpoint
@@ -37,7 +37,7 @@ class Loss(str, Enum):
 
 @dataclass
 class TrainConfig:
-    model: Any = None  # the model preset group: name, checkpoint, arch
+    model: ModelConfig = MISSING  # the model preset (conf/model): its arch is what gets trained
     data_path: str = "data/samples/events"
     columns: dict[str, str] = field(default_factory=dict)
     out: str = "data/samples/checkpoint"
