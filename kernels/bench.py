@@ -4,7 +4,8 @@
 
 Per shape: median time (triton.testing.do_bench) and TFLOP/s of the Triton jagged kernel (causal, no bias and with
 a relative-position bias), the padded PyTorch reference and the paged kernel (full prefill through a shuffled
-block table, page size 16). FLOPs = 2 matmuls x 2*H*D*sum(L^2)/2 (causal half). --check compares every kernel with
+block table; page size 64, a multiple of the key tile, and 16, vLLM's default, which needs a per-key page gather).
+FLOPs = 2 matmuls x 2*H*D*sum(L^2)/2 (causal half). --check compares every kernel with
 an fp64 reference on every shape (bf16 and fp32). --sweep times candidate tile configs. Each number is also written
 as a JSON line to --out.
 """
@@ -25,7 +26,7 @@ from . import triton_jagged, triton_paged
 
 FIXED = [(64, 512, 4, 128), (32, 1024, 4, 128), (16, 2048, 4, 128), (8, 4096, 4, 128), (32, 1024, 2, 256),
          (16, 2048, 2, 256)]
-PAGE = 16
+PAGE = 64
 DEV = "cuda"
 
 
@@ -159,7 +160,7 @@ def check(rec, only=None) -> bool:
     qs = torch.cat([q[int(off[i + 1]) - n:int(off[i + 1])] for i, n in enumerate(qlens)])
     qsl = torch.tensor([0] + qlens, device=DEV).cumsum(0)
     for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
-        cache, table, seq_lens = paged_from_jagged(k.to(dtype), v.to(dtype), lengths)
+        cache, table, seq_lens = paged_from_jagged(k.to(dtype), v.to(dtype), lengths, page=16)
         want = reference.hstu_attention_paged_naive(qs.double(), cache.double(), table, qsl, seq_lens, alpha=alpha,
                                                     rel_bias=bias.double())
         got = hstu_attention_paged(qs.to(dtype), cache, table, qsl, seq_lens, alpha=alpha, rel_bias=bias,
@@ -179,12 +180,15 @@ def run_bench(rec, torch_ref: bool = True) -> list[dict]:
         alpha = 1.0 / math.sqrt(D)
         bias = 0.1 * torch.randn(H, 256, device=DEV)
         cache, table, seq_lens = paged_from_jagged(k, v, lengths)
+        cache16, table16, _ = paged_from_jagged(k, v, lengths, page=16)
         fns = {
             "triton": lambda: hstu_attention(q, k, v, off, alpha=alpha, backend="triton"),
             "triton_cold_plan": lambda: (triton_jagged._WORK_CACHE.clear(),
                                          hstu_attention(q, k, v, off, alpha=alpha, backend="triton")),
             "triton_rel_bias": lambda: hstu_attention(q, k, v, off, alpha=alpha, rel_bias=bias, backend="triton"),
             "paged": lambda: hstu_attention_paged(q, cache, table, off, seq_lens, alpha=alpha, backend="triton"),
+            "paged_p16": lambda: hstu_attention_paged(q, cache16, table16, off, seq_lens, alpha=alpha,
+                                                      backend="triton"),
         }
         if torch_ref:
             fns["torch_padded"] = lambda: hstu_attention(q, k, v, off, alpha=alpha, backend="torch")
@@ -195,40 +199,44 @@ def run_bench(rec, torch_ref: bool = True) -> list[dict]:
             tf = fl / ms / 1e9
             row[kern] = (ms, tf)
             cfg = dict(shape=name, B=len(lengths), tokens=sum(lengths), H=H, D=D, dtype="bf16", mask="causal",
-                       kernel=kern, page_size=PAGE if kern == "paged" else None,
-                       tile=list(triton_jagged.pick_config(D, None, triton_paged.CONFIGS if kern == "paged" else None))
+                       kernel=kern, page_size={"paged": PAGE, "paged_p16": 16}.get(kern),
+                       tile=list(triton_jagged.pick_config(D, None, triton_paged.CONFIGS if "paged" in kern else None))
                        if kern != "torch_padded" else None)
             rec("hstu_attention", cfg, "median_ms", ms, "ms")
             rec("hstu_attention", cfg, "tflops", tf, "TFLOP/s")
         rows.append(row)
         print(f"{name:34} " + " ".join(f"{k}={v[0]:.3f}ms/{v[1]:.0f}TF" for k, v in row.items()
                                         if isinstance(v, tuple)), flush=True)
-        del q, k, v, cache
+        del q, k, v, cache, cache16
         torch.cuda.empty_cache()
     return rows
 
 
-SWEEP = {
-    64: [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (128, 128, 4, 3)],
-    128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
-          (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 128, 4, 2), (256, 64, 8, 2)],
-    256: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3),
-          (64, 32, 4, 3), (64, 128, 4, 2), (64, 64, 8, 3), (128, 32, 4, 2)],
+SWEEP = {  # jagged candidates; a 5th entry True = warp-specialized main loop
+    128: [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 128, 4, 3),
+          (128, 64, 4, 3), (64, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 128, 8, 2, True)],
+    256: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 4), (64, 64, 4, 3), (128, 32, 8, 3, True),
+          (128, 64, 8, 2, True)],
+}
+SWEEP_PAGED = {  # BLOCK_N divides the page size (64)
+    128: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3)],
+    256: [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
 }
 
 
-def sweep(rec):
-    """Time each candidate tile config of the jagged (and paged) kernel on the key shapes."""
+def sweep(rec, apply: bool = False):
+    """Time candidate tile configs of the jagged and paged kernels; with apply, use the best (summed TFLOP/s over
+    the shapes of a head dim) for the rest of the run."""
     cases = [("B32_L1024_H4_D128", [1024] * 32, 4, 128), ("B16_L2048_H4_D128", [2048] * 16, 4, 128),
-             ("B32_L1024_H2_D256", [1024] * 32, 2, 256), ("B64_L1024_H1_D64", [1024] * 64, 1, 64)]
-    best = {}
+             ("B32_L1024_H2_D256", [1024] * 32, 2, 256)]
+    score: dict = {}
     for name, lengths, H, D in cases:
         q, k, v, off = make_inputs(lengths, H, D, torch.bfloat16)
         cache, table, seq_lens = paged_from_jagged(k, v, lengths)
         fl = flops(lengths, H, D)
-        for kern in ("jagged", "paged") if D != 64 and "L2048" not in name else ("jagged",):
+        for kern, cands in (("jagged", SWEEP[D]), ("paged", SWEEP_PAGED[D])):
             res = []
-            for cfg in SWEEP[D] if kern == "jagged" else SWEEP[D][:6]:
+            for cfg in cands:
                 if kern == "jagged":
                     fn = lambda: triton_jagged.hstu_attention_triton(q, k, v, off, alpha=0.1, config=cfg)
                 else:
@@ -236,24 +244,27 @@ def sweep(rec):
                                                                            config=cfg)
                 try:
                     ms = bench_ms(fn)
-                except Exception as e:  # out of shared memory / registers for this tile
-                    print(f"  {name} {kern} {cfg}: failed ({type(e).__name__})")
+                except Exception as e:  # out of shared memory / registers, or no warp specialization here
+                    print(f"  {name} {kern} {cfg}: failed ({type(e).__name__}: {str(e)[:80]})")
                     continue
                 tf = fl / ms / 1e9
                 res.append((tf, cfg))
-                rec("hstu_attention_sweep", dict(shape=name, kernel=kern, tile=list(cfg), dtype="bf16"),
-                    "tflops", tf, "TFLOP/s")
-            res.sort(reverse=True)
+                score[(kern, D, cfg)] = score.get((kern, D, cfg), 0.0) + tf
+                rec("hstu_attention_sweep", dict(shape=name, kernel=kern, tile=list(cfg), dtype="bf16",
+                                                 page_size=PAGE if kern == "paged" else None), "tflops", tf, "TFLOP/s")
+            res.sort(key=lambda r: -r[0])
             print(f"sweep {name} {kern}: " + ", ".join(f"{c}={t:.0f}" for t, c in res[:6]), flush=True)
-            if res:
-                best[(name, kern)] = res[0]
-    return best
+        del q, k, v, cache
+    if apply:
+        for (kern, D, cfg), tf in sorted(score.items(), key=lambda kv: kv[1]):
+            (triton_jagged.CONFIGS if kern == "jagged" else triton_paged.CONFIGS)[D] = cfg  # best is set last
+        print("using jagged", triton_jagged.CONFIGS, "paged", triton_paged.CONFIGS, flush=True)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="compare every kernel with fp64 on every shape")
-    ap.add_argument("--sweep", action="store_true", help="time candidate tile configs")
+    ap.add_argument("--sweep", action="store_true", help="time candidate tile configs and use the best")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--no-torch", action="store_true", help="skip the padded PyTorch reference timings")
     ap.add_argument("--out", default=None, help="append JSON lines here")
@@ -269,7 +280,7 @@ def main(argv=None) -> int:
     print(f"device: {device}; torch {torch.__version__}; triton {triton.__version__}", flush=True)
     ok = True
     if args.sweep:
-        sweep(rec)
+        sweep(rec, apply=True)
     if args.check:
         ok = check(rec)
         print("check:", "all ok" if ok else "FAILURES", flush=True)

@@ -21,37 +21,56 @@ except ImportError:  # pragma: no cover
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read when this module's kernels are decorated
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, picked on an H100 by `python -m kernels.bench --sweep`.
-CONFIGS: dict[int, tuple[int, int, int, int]] = {
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim for 16-bit inputs, picked on an H100 by
+# `python -m kernels.bench --sweep`; an optional 5th entry turns on warp specialization of the main loop.
+CONFIGS: dict[int, tuple] = {
     16: (64, 32, 4, 2),
     32: (64, 64, 4, 2),
     64: (128, 64, 4, 3),
-    128: (128, 64, 8, 3),
-    256: (128, 64, 8, 2),
+    128: (64, 64, 4, 3),
+    256: (128, 32, 8, 3),
 }
+FP32_CONFIGS: dict[int, tuple] = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 4, 2),
+                                  256: (32, 32, 4, 1)}  # fp32 is the accuracy path: small tiles that fit shared memory
 INTERPRET_CONFIG = (32, 16, 4, 1)
 
 
-def pick_config(D: int, config=None, table: dict | None = None) -> tuple[int, int, int, int]:
-    """Explicit config, else the interpreter's small one, else table[D], else CONFIGS[D]."""
+def pick_config(D: int, config=None, table: dict | None = None, dtype=None) -> tuple:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]): explicit, else the interpreter's small one,
+    else FP32_CONFIGS for float32, else table[D], else CONFIGS[D]."""
     if config is not None:
         return tuple(config)
     if INTERPRET:
         return INTERPRET_CONFIG
+    if dtype == torch.float32:
+        return FP32_CONFIGS[D]
     return (table or {}).get(D) or CONFIGS[D]
 
 
+def silu_mode(dtype) -> int:
+    return 0 if INTERPRET else (1 if dtype == torch.float32 else 2)
+
+
 @triton.jit
-def _silu(s, FAST: tl.constexpr):
-    if FAST:
-        return libdevice.fast_dividef(s, 1.0 + tl.exp(-s))
+def _silu_scaled(qk, alpha, b, SILU: tl.constexpr):
+    """silu(alpha * qk + b). SILU 0: exact (interpreter); 1: fast division (fp32 on the GPU); 2: one tanh.approx per
+    score, silu(s) = h + h * tanh(h) with h = s / 2 (16-bit inputs: its error is below the bf16 rounding of p)."""
+    if SILU == 2:
+        h = qk * (0.5 * alpha) + 0.5 * b
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [h], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+        return h * t + h
     else:
-        return s / (1.0 + tl.exp(-s))
+        s = qk * alpha + b
+        if SILU == 1:
+            return libdevice.fast_dividef(s, 1.0 + tl.exp(-s))
+        else:
+            return s / (1.0 + tl.exp(-s))
 
 
 @triton.jit
 def _attend(acc, q, k_ptrs, v_ptrs, cols, rows, key_end, lo, hi, bias_ptr, R, alpha,
-            MASK: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr):
+            MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, PREC: tl.constexpr):
     """acc += silu(alpha * q k^T + bias) * [lo <= col < hi] @ v for one block of keys (cols)."""
     if MASK:
         ok = cols < key_end
@@ -60,11 +79,12 @@ def _attend(acc, q, k_ptrs, v_ptrs, cols, rows, key_end, lo, hi, bias_ptr, R, al
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * alpha
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
     if HAS_BIAS:
-        dist = tl.minimum(tl.abs(rows[:, None] - cols[None, :]), R - 1)
-        s += tl.load(bias_ptr + dist)
-    p = _silu(s, FAST)
+        b = tl.load(bias_ptr + tl.minimum(tl.abs(rows[:, None] - cols[None, :]), R - 1))
+    else:
+        b = 0.0
+    p = _silu_scaled(qk, alpha, b, SILU)
     if MASK:
         vis = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
         p = tl.where(vis, p, 0.0)
@@ -77,7 +97,7 @@ def _hstu_jagged_fwd(Q, K, V, O, offsets, work, prefix_lens, num_cands, bias,
                      alpha, R, H,
                      HAS_PREFIX: tl.constexpr, HAS_CANDS: tl.constexpr, HAS_BIAS: tl.constexpr,
                      NORM_LENGTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                     FAST: tl.constexpr, PREC: tl.constexpr):
+                     SILU: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr):
     pid = tl.program_id(0)
     h = pid % H
     w = pid // H
@@ -113,12 +133,17 @@ def _hstu_jagged_fwd(Q, K, V, O, offsets, work, prefix_lens, num_cands, bias,
     zero = tl.full([BLOCK_M], 0, tl.int32)  # tl.full, not tl.zeros: the interpreter can't run tl.zeros once
     # Triton was imported without TRITON_INTERPRET (tl.zeros is itself a jit function)
     acc = tl.full([BLOCK_M, D], 0.0, tl.float32)
-    for n0 in range(0, full_end, BLOCK_N):
-        acc = _attend(acc, q, k_ptrs + n0 * stride_kt, v_ptrs + n0 * stride_vt, n0 + offs_n, rows, L, zero, hi,
-                      bias_h, R, alpha, False, HAS_BIAS, FAST, PREC)
+    if WS:  # optional automatic warp specialization of the main loop (tried by the sweep)
+        for n0 in tl.range(0, full_end, BLOCK_N, warp_specialize=True):
+            acc = _attend(acc, q, k_ptrs + n0 * stride_kt, v_ptrs + n0 * stride_vt, n0 + offs_n, rows, L, zero, hi,
+                          bias_h, R, alpha, False, HAS_BIAS, SILU, PREC)
+    else:
+        for n0 in range(0, full_end, BLOCK_N):
+            acc = _attend(acc, q, k_ptrs + n0 * stride_kt, v_ptrs + n0 * stride_vt, n0 + offs_n, rows, L, zero, hi,
+                          bias_h, R, alpha, False, HAS_BIAS, SILU, PREC)
     for n0 in range(full_end, tile_end, BLOCK_N):
         acc = _attend(acc, q, k_ptrs + n0 * stride_kt, v_ptrs + n0 * stride_vt, n0 + offs_n, rows, L, zero, hi,
-                      bias_h, R, alpha, True, HAS_BIAS, FAST, PREC)
+                      bias_h, R, alpha, True, HAS_BIAS, SILU, PREC)
     n_vis = hi
     if HAS_CANDS:
         # Interval 2: a candidate row (i >= hist) also sees [i, i + 1).
@@ -127,7 +152,7 @@ def _hstu_jagged_fwd(Q, K, V, O, offsets, work, prefix_lens, num_cands, bias,
         hi2 = tl.where(is_cand, rows + 1, rows)
         for n0 in range(tl.maximum(m0, hist), last + 1, BLOCK_N):
             acc = _attend(acc, q, k_ptrs + n0 * stride_kt, v_ptrs + n0 * stride_vt, n0 + offs_n, rows, L, lo2, hi2,
-                          bias_h, R, alpha, True, HAS_BIAS, FAST, PREC)
+                          bias_h, R, alpha, True, HAS_BIAS, SILU, PREC)
         n_vis = hi + is_cand.to(tl.int32)
 
     if NORM_LENGTH:
@@ -185,7 +210,7 @@ def hstu_attention_triton(q, k, v, offsets, *, alpha: float, prefix_lens=None, n
     out = torch.empty_like(q)
     if T == 0 or B == 0:
         return out
-    BM, BN, warps, stages = pick_config(D, config)
+    BM, BN, warps, stages, *ws = pick_config(D, config, dtype=q.dtype)
     lengths = offsets[1:] - offsets[:-1]
     if work is None:
         work = _cached_work((offsets,), (BM, T, B, str(q.device)),
@@ -201,6 +226,7 @@ def hstu_attention_triton(q, k, v, offsets, *, alpha: float, prefix_lens=None, n
         bias, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
         out.stride(1), float(alpha), R, H,
         HAS_PREFIX=prefix_lens is not None, HAS_CANDS=num_candidates is not None, HAS_BIAS=rel_bias is not None,
-        NORM_LENGTH=norm == "length", BLOCK_M=BM, BLOCK_N=BN, D=D, FAST=not INTERPRET, PREC=prec,
+        NORM_LENGTH=norm == "length", BLOCK_M=BM, BLOCK_N=BN, D=D, SILU=silu_mode(q.dtype), PREC=prec,
+        WS=bool(ws and ws[0]),
         num_warps=warps, num_stages=stages)
     return out

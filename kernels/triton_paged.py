@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_jagged import _silu, build_work_list, pick_config, INTERPRET
+from .triton_jagged import _silu_scaled, build_work_list, pick_config, silu_mode
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim when they differ from the jagged kernel's.
 CONFIGS: dict[int, tuple[int, int, int, int]] = {}
@@ -20,7 +20,7 @@ CONFIGS: dict[int, tuple[int, int, int, int]] = {}
 @triton.jit
 def _paged_attend(acc, q, KV, bt_row, n0, offs_n, offs_d, rows_pos, key_end, h, stride_cb, stride_ch, stride_cs,
                   bias_ptr, R, alpha, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                  MASK: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr):
+                  MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, PREC: tl.constexpr):
     cols = n0 + offs_n
     if PAGE % BLOCK_N == 0:
         blk = tl.load(bt_row + n0 // PAGE).to(tl.int64)
@@ -39,11 +39,12 @@ def _paged_attend(acc, q, KV, bt_row, n0, offs_n, offs_d, rows_pos, key_end, h, 
     else:
         k = tl.load(k_ptrs)
         v = tl.load(k_ptrs + D)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * alpha
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
     if HAS_BIAS:
-        dist = tl.minimum(tl.abs(rows_pos[:, None] - cols[None, :]), R - 1)
-        s += tl.load(bias_ptr + dist)
-    p = _silu(s, FAST)
+        b = tl.load(bias_ptr + tl.minimum(tl.abs(rows_pos[:, None] - cols[None, :]), R - 1))
+    else:
+        b = 0.0
+    p = _silu_scaled(qk, alpha, b, SILU)
     if MASK:
         p = tl.where(cols[None, :] <= rows_pos[:, None], p, 0.0)
     return tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
@@ -55,7 +56,7 @@ def _hstu_paged_fwd(Q, KV, O, query_start_loc, seq_lens, block_table, work, bias
                     alpha, R, H,
                     PAGE: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_LENGTH: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                    FAST: tl.constexpr, PREC: tl.constexpr):
+                    SILU: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     h = pid % H
     w = pid // H
@@ -84,10 +85,10 @@ def _hstu_paged_fwd(Q, KV, O, query_start_loc, seq_lens, block_table, work, bias
     acc = tl.full([BLOCK_M, D], 0.0, tl.float32)
     for n0 in range(0, full_end, BLOCK_N):
         acc = _paged_attend(acc, q, KV, bt_row, n0, offs_n, offs_d, pos, S, h, stride_cb, stride_ch, stride_cs,
-                            bias_h, R, alpha, PAGE, BLOCK_N, D, False, HAS_BIAS, FAST, PREC)
+                            bias_h, R, alpha, PAGE, BLOCK_N, D, False, HAS_BIAS, SILU, PREC)
     for n0 in range(full_end, tile_end, BLOCK_N):
         acc = _paged_attend(acc, q, KV, bt_row, n0, offs_n, offs_d, pos, S, h, stride_cb, stride_ch, stride_cs,
-                            bias_h, R, alpha, PAGE, BLOCK_N, D, True, HAS_BIAS, FAST, PREC)
+                            bias_h, R, alpha, PAGE, BLOCK_N, D, True, HAS_BIAS, SILU, PREC)
     if NORM_LENGTH:
         out = acc * (1.0 / S.to(tl.float32))
     else:
@@ -104,7 +105,7 @@ def hstu_attention_paged_triton(q, kv_cache, block_table, query_start_loc, seq_l
     out = torch.empty_like(q)
     if Tq == 0 or nreq == 0:
         return out
-    BM, BN, warps, stages = pick_config(D, config, CONFIGS)
+    BM, BN, warps, stages, *_ = pick_config(D, config, CONFIGS, dtype=q.dtype)
     page = kv_cache.shape[2]
     if work is None:
         work = build_work_list(query_start_loc[1:] - query_start_loc[:-1], seq_lens, BM, Tq // BM + nreq)
@@ -117,7 +118,7 @@ def hstu_attention_paged_triton(q, kv_cache, block_table, query_start_loc, seq_l
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv_cache.stride(0), kv_cache.stride(1),
         kv_cache.stride(2), block_table.stride(0), float(alpha), R, H,
         PAGE=page, HAS_BIAS=rel_bias is not None, NORM_LENGTH=norm == "length", BLOCK_M=BM, BLOCK_N=BN, D=D,
-        FAST=not INTERPRET, PREC=prec, num_warps=warps, num_stages=stages)
+        SILU=silu_mode(q.dtype), PREC=prec, num_warps=warps, num_stages=stages)
     return out
 
 
