@@ -153,7 +153,8 @@ def check(rec, only=None) -> bool:
             got = hstu_attention(*(t.to(dtype) for t in (q, k, v)), off, alpha=alpha, backend="triton", **kw)
             err = rel_err(got, want)
             ok &= err < tol
-            print(f"{'lognormal16k':34} {'jagged ' + mask:22} {str(dtype)[6:]:6} {err:.2e} {'ok' if err < tol else 'FAIL'}")
+            print(f"{'lognormal16k':34} {'jagged ' + mask:22} {str(dtype)[6:]:6} {err:.2e} "
+                  f"{'ok' if err < tol else 'FAIL'}")
             rec("hstu_attention_check", dict(shape="lognormal_16k_H4_D128", kernel="jagged", dtype=str(dtype)[6:],
                                              mask=mask), "rel_err_vs_fp64", err, "ratio")
     qlens = [max(1, L // 3) for L in lengths]
@@ -167,7 +168,8 @@ def check(rec, only=None) -> bool:
                                    backend="triton")
         err = rel_err(got, want)
         ok &= err < tol
-        print(f"{'lognormal16k chunked':34} {'paged bias':22} {str(dtype)[6:]:6} {err:.2e} {'ok' if err < tol else 'FAIL'}")
+        print(f"{'lognormal16k chunked':34} {'paged bias':22} {str(dtype)[6:]:6} {err:.2e} "
+              f"{'ok' if err < tol else 'FAIL'}")
         rec("hstu_attention_check", dict(shape="lognormal_16k_H4_D128_qlen_third", kernel="paged",
                                          dtype=str(dtype)[6:], mask="causal+bias"), "rel_err_vs_fp64", err, "ratio")
     return ok
@@ -224,7 +226,7 @@ SWEEP_PAGED = {  # BLOCK_N divides the page size (64)
 }
 
 
-def sweep(rec, apply: bool = False):
+def sweep(rec, apply: bool = False, kernels=("jagged", "paged")):
     """Time candidate tile configs of the jagged and paged kernels; with apply, use the best (summed TFLOP/s over
     the shapes of a head dim) for the rest of the run."""
     cases = [("B32_L1024_H4_D128", [1024] * 32, 4, 128), ("B16_L2048_H4_D128", [2048] * 16, 4, 128),
@@ -235,6 +237,8 @@ def sweep(rec, apply: bool = False):
         cache, table, seq_lens = paged_from_jagged(k, v, lengths)
         fl = flops(lengths, H, D)
         for kern, cands in (("jagged", SWEEP[D]), ("paged", SWEEP_PAGED[D])):
+            if kern not in kernels:
+                continue
             res = []
             for cfg in cands:
                 if kern == "jagged":
@@ -265,6 +269,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="compare every kernel with fp64 on every shape")
     ap.add_argument("--sweep", action="store_true", help="time candidate tile configs and use the best")
+    ap.add_argument("--sweep-kernels", default="jagged,paged", help="which kernels --sweep tunes")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--no-torch", action="store_true", help="skip the padded PyTorch reference timings")
     ap.add_argument("--out", default=None, help="append JSON lines here")
@@ -275,12 +280,14 @@ def main(argv=None) -> int:
         return 2
     device = torch.cuda.get_device_name()
     flags = [f"--{n.replace('_', '-')}" for n in ("check", "sweep", "no_bench", "no_torch") if getattr(args, n)]
+    if args.sweep:
+        flags.append(f"--sweep-kernels {args.sweep_kernels}")
     command = " ".join(["python -m kernels.bench"] + flags + (["--out", "bench/results.jsonl"] if args.out else []))
     rec = Recorder(args.out, device, args.commit, command)
     print(f"device: {device}; torch {torch.__version__}; triton {triton.__version__}", flush=True)
     ok = True
     if args.sweep:
-        sweep(rec, apply=True)
+        sweep(rec, apply=True, kernels=args.sweep_kernels.split(","))
     if args.check:
         ok = check(rec)
         print("check:", "all ok" if ok else "FAILURES", flush=True)

@@ -2,9 +2,10 @@
 
 One program computes BLOCK_M query rows of one (user, head). Programs come from a work list of (user, m-block)
 tiles, longest users first and each user's tiles side by side (see build_work_list), so long and short users share
-one launch without idle programs. Each row sees at most two key intervals (see reference.py): interval 1 = [0, hi_i) is walked
-as unmasked blocks (keys every row of the tile sees) and then masked blocks; interval 2 (a candidate row's own key)
-gets its own short masked loop. A new mask only has to say, per row, where its intervals start and end.
+one launch without idle programs. Each row sees at most two key intervals (see reference.py): interval 1 = [0, hi_i)
+is walked as unmasked blocks (keys every row of the tile sees) and then masked blocks; interval 2 (a candidate
+row's own key) gets its own short masked loop. A new mask only has to say, per row, where its intervals start and
+end. With a relative-position bias, blocks farther than R - 1 from every row of the tile use one scalar bias.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ except ImportError:  # pragma: no cover
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read when this module's kernels are decorated
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim for 16-bit inputs, picked on an H100 by
-# `python -m kernels.bench --sweep`; an optional 5th entry turns on warp specialization of the main loop.
+# `python -m kernels.bench --sweep` (Triton 3.6's automatic warp specialization failed to compile this loop).
 CONFIGS: dict[int, tuple] = {
     16: (64, 32, 4, 2),
     32: (64, 64, 4, 2),
@@ -36,7 +37,7 @@ INTERPRET_CONFIG = (32, 16, 4, 1)
 
 
 def pick_config(D: int, config=None, table: dict | None = None, dtype=None) -> tuple:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]): explicit, else the interpreter's small one,
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): explicit, else the interpreter's small one,
     else FP32_CONFIGS for float32, else table[D], else CONFIGS[D]."""
     if config is not None:
         return tuple(config)
@@ -69,9 +70,10 @@ def _silu_scaled(qk, alpha, b, SILU: tl.constexpr):
 
 
 @triton.jit
-def _attend(acc, q, k_ptrs, v_ptrs, cols, rows, key_end, lo, hi, bias_ptr, R, alpha,
-            MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, PREC: tl.constexpr):
-    """acc += silu(alpha * q k^T + bias) * [lo <= col < hi] @ v for one block of keys (cols)."""
+def _attend(acc, q, k_ptrs, v_ptrs, cols, rows, key_end, lo, hi, bias_ptr, R, b_far, alpha,
+            MASK: tl.constexpr, BIAS: tl.constexpr, SILU: tl.constexpr, PREC: tl.constexpr):
+    """acc += silu(alpha * q k^T + bias) * [lo <= col < hi] @ v for one block of keys (cols).
+    BIAS 0: none; 1: the scalar b_far (every |i - j| >= R - 1 in this block); 2: gather rel_bias[|i - j|]."""
     if MASK:
         ok = cols < key_end
         k = tl.load(k_ptrs, mask=ok[:, None], other=0.0)
@@ -80,8 +82,10 @@ def _attend(acc, q, k_ptrs, v_ptrs, cols, rows, key_end, lo, hi, bias_ptr, R, al
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-    if HAS_BIAS:
+    if BIAS == 2:
         b = tl.load(bias_ptr + tl.minimum(tl.abs(rows[:, None] - cols[None, :]), R - 1))
+    elif BIAS == 1:
+        b = b_far
     else:
         b = 0.0
     p = _silu_scaled(qk, alpha, b, SILU)
@@ -96,8 +100,9 @@ def _hstu_jagged_fwd(Q, K, V, O, offsets, work, prefix_lens, num_cands, bias,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                      alpha, R, H,
                      HAS_PREFIX: tl.constexpr, HAS_CANDS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BIAS_NEAR: tl.constexpr,
                      NORM_LENGTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                     SILU: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr):
+                     SILU: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     h = pid % H
     w = pid // H
@@ -133,17 +138,22 @@ def _hstu_jagged_fwd(Q, K, V, O, offsets, work, prefix_lens, num_cands, bias,
     zero = tl.full([BLOCK_M], 0, tl.int32)  # tl.full, not tl.zeros: the interpreter can't run tl.zeros once
     # Triton was imported without TRITON_INTERPRET (tl.zeros is itself a jit function)
     acc = tl.full([BLOCK_M, D], 0.0, tl.float32)
-    if WS:  # optional automatic warp specialization of the main loop (tried by the sweep)
-        for n0 in tl.range(0, full_end, BLOCK_N, warp_specialize=True):
+    if HAS_BIAS:
+        # Key blocks at distance >= R - 1 from every row of the tile all get rel_bias[R - 1]: no gather there.
+        far_end = tl.minimum(tl.maximum((m0 - R + 2) // BLOCK_N, 0) * BLOCK_N, full_end)
+        b_far = tl.load(bias_h + R - 1)
+        for n0 in range(0, far_end, BLOCK_N):
             acc = _attend(acc, q, k_ptrs + n0 * stride_kt, v_ptrs + n0 * stride_vt, n0 + offs_n, rows, L, zero, hi,
-                          bias_h, R, alpha, False, HAS_BIAS, SILU, PREC)
+                          bias_h, R, b_far, alpha, False, 1, SILU, PREC)
     else:
-        for n0 in range(0, full_end, BLOCK_N):
-            acc = _attend(acc, q, k_ptrs + n0 * stride_kt, v_ptrs + n0 * stride_vt, n0 + offs_n, rows, L, zero, hi,
-                          bias_h, R, alpha, False, HAS_BIAS, SILU, PREC)
+        far_end = 0
+        b_far = 0.0
+    for n0 in range(far_end, full_end, BLOCK_N):
+        acc = _attend(acc, q, k_ptrs + n0 * stride_kt, v_ptrs + n0 * stride_vt, n0 + offs_n, rows, L, zero, hi,
+                      bias_h, R, b_far, alpha, False, BIAS_NEAR, SILU, PREC)
     for n0 in range(full_end, tile_end, BLOCK_N):
         acc = _attend(acc, q, k_ptrs + n0 * stride_kt, v_ptrs + n0 * stride_vt, n0 + offs_n, rows, L, zero, hi,
-                      bias_h, R, alpha, True, HAS_BIAS, SILU, PREC)
+                      bias_h, R, b_far, alpha, True, BIAS_NEAR, SILU, PREC)
     n_vis = hi
     if HAS_CANDS:
         # Interval 2: a candidate row (i >= hist) also sees [i, i + 1).
@@ -152,7 +162,7 @@ def _hstu_jagged_fwd(Q, K, V, O, offsets, work, prefix_lens, num_cands, bias,
         hi2 = tl.where(is_cand, rows + 1, rows)
         for n0 in range(tl.maximum(m0, hist), last + 1, BLOCK_N):
             acc = _attend(acc, q, k_ptrs + n0 * stride_kt, v_ptrs + n0 * stride_vt, n0 + offs_n, rows, L, lo2, hi2,
-                          bias_h, R, alpha, True, HAS_BIAS, SILU, PREC)
+                          bias_h, R, b_far, alpha, True, BIAS_NEAR, SILU, PREC)
         n_vis = hi + is_cand.to(tl.int32)
 
     if NORM_LENGTH:
@@ -195,7 +205,7 @@ def _cached_work(tensors: tuple, params: tuple, make) -> torch.Tensor:
     versions = tuple(t._version if t is not None else None for t in tensors)
     if _WORK_CACHE:
         ts, vs, ps, work = _WORK_CACHE[0]
-        if ps == params and vs == versions and all(a is b for a, b in zip(ts, tensors)):
+        if ps == params and vs == versions and len(ts) == len(tensors) and all(a is b for a, b in zip(ts, tensors)):
             return work
     work = make()
     _WORK_CACHE[:] = [(tensors, versions, params, work)]
@@ -210,10 +220,10 @@ def hstu_attention_triton(q, k, v, offsets, *, alpha: float, prefix_lens=None, n
     out = torch.empty_like(q)
     if T == 0 or B == 0:
         return out
-    BM, BN, warps, stages, *ws = pick_config(D, config, dtype=q.dtype)
+    BM, BN, warps, stages = pick_config(D, config, dtype=q.dtype)
     lengths = offsets[1:] - offsets[:-1]
     if work is None:
-        work = _cached_work((offsets,), (BM, T, B, str(q.device)),
+        work = _cached_work((offsets,), ("jagged", BM, T, B, str(q.device)),
                             lambda: build_work_list(lengths, lengths, BM, T // BM + B))
     dummy = offsets
     bias = rel_bias.to(torch.float32).contiguous() if rel_bias is not None else q.new_zeros(1, dtype=torch.float32)
@@ -226,7 +236,8 @@ def hstu_attention_triton(q, k, v, offsets, *, alpha: float, prefix_lens=None, n
         bias, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
         out.stride(1), float(alpha), R, H,
         HAS_PREFIX=prefix_lens is not None, HAS_CANDS=num_candidates is not None, HAS_BIAS=rel_bias is not None,
+        BIAS_NEAR=2 if rel_bias is not None else 0,
         NORM_LENGTH=norm == "length", BLOCK_M=BM, BLOCK_N=BN, D=D, SILU=silu_mode(q.dtype), PREC=prec,
-        WS=bool(ws and ws[0]),
+
         num_warps=warps, num_stages=stages)
     return out

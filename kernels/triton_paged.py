@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_jagged import _silu_scaled, build_work_list, pick_config, silu_mode
+from .triton_jagged import _cached_work, _silu_scaled, build_work_list, pick_config, silu_mode
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim when they differ from the jagged kernel's.
 CONFIGS: dict[int, tuple[int, int, int, int]] = {}
@@ -19,8 +19,8 @@ CONFIGS: dict[int, tuple[int, int, int, int]] = {}
 
 @triton.jit
 def _paged_attend(acc, q, KV, bt_row, n0, offs_n, offs_d, rows_pos, key_end, h, stride_cb, stride_ch, stride_cs,
-                  bias_ptr, R, alpha, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                  MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, PREC: tl.constexpr):
+                  bias_ptr, R, b_far, alpha, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                  MASK: tl.constexpr, BIAS: tl.constexpr, SILU: tl.constexpr, PREC: tl.constexpr):
     cols = n0 + offs_n
     if PAGE % BLOCK_N == 0:
         blk = tl.load(bt_row + n0 // PAGE).to(tl.int64)
@@ -40,8 +40,10 @@ def _paged_attend(acc, q, KV, bt_row, n0, offs_n, offs_d, rows_pos, key_end, h, 
         k = tl.load(k_ptrs)
         v = tl.load(k_ptrs + D)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-    if HAS_BIAS:
+    if BIAS == 2:
         b = tl.load(bias_ptr + tl.minimum(tl.abs(rows_pos[:, None] - cols[None, :]), R - 1))
+    elif BIAS == 1:
+        b = b_far
     else:
         b = 0.0
     p = _silu_scaled(qk, alpha, b, SILU)
@@ -54,7 +56,8 @@ def _paged_attend(acc, q, KV, bt_row, n0, offs_n, offs_d, rows_pos, key_end, h, 
 def _hstu_paged_fwd(Q, KV, O, query_start_loc, seq_lens, block_table, work, bias,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ch, stride_cs, stride_bt,
                     alpha, R, H,
-                    PAGE: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_LENGTH: tl.constexpr,
+                    PAGE: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_NEAR: tl.constexpr,
+                    NORM_LENGTH: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                     SILU: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
@@ -83,12 +86,21 @@ def _hstu_paged_fwd(Q, KV, O, query_start_loc, seq_lens, block_table, work, bias
     full_end = ((first + m0 + 1) // BLOCK_N) * BLOCK_N
     tile_end = first + tl.minimum(m0 + BLOCK_M, qlen)
     acc = tl.full([BLOCK_M, D], 0.0, tl.float32)
-    for n0 in range(0, full_end, BLOCK_N):
+    if HAS_BIAS:  # blocks at distance >= R - 1 from every row use the scalar rel_bias[R - 1]
+        far_end = tl.minimum(tl.maximum((first + m0 - R + 2) // BLOCK_N, 0) * BLOCK_N, full_end)
+        b_far = tl.load(bias_h + R - 1)
+        for n0 in range(0, far_end, BLOCK_N):
+            acc = _paged_attend(acc, q, KV, bt_row, n0, offs_n, offs_d, pos, S, h, stride_cb, stride_ch, stride_cs,
+                                bias_h, R, b_far, alpha, PAGE, BLOCK_N, D, False, 1, SILU, PREC)
+    else:
+        far_end = 0
+        b_far = 0.0
+    for n0 in range(far_end, full_end, BLOCK_N):
         acc = _paged_attend(acc, q, KV, bt_row, n0, offs_n, offs_d, pos, S, h, stride_cb, stride_ch, stride_cs,
-                            bias_h, R, alpha, PAGE, BLOCK_N, D, False, HAS_BIAS, SILU, PREC)
+                            bias_h, R, b_far, alpha, PAGE, BLOCK_N, D, False, BIAS_NEAR, SILU, PREC)
     for n0 in range(full_end, tile_end, BLOCK_N):
         acc = _paged_attend(acc, q, KV, bt_row, n0, offs_n, offs_d, pos, S, h, stride_cb, stride_ch, stride_cs,
-                            bias_h, R, alpha, PAGE, BLOCK_N, D, True, HAS_BIAS, SILU, PREC)
+                            bias_h, R, b_far, alpha, PAGE, BLOCK_N, D, True, BIAS_NEAR, SILU, PREC)
     if NORM_LENGTH:
         out = acc * (1.0 / S.to(tl.float32))
     else:
@@ -108,7 +120,9 @@ def hstu_attention_paged_triton(q, kv_cache, block_table, query_start_loc, seq_l
     BM, BN, warps, stages, *_ = pick_config(D, config, CONFIGS, dtype=q.dtype)
     page = kv_cache.shape[2]
     if work is None:
-        work = build_work_list(query_start_loc[1:] - query_start_loc[:-1], seq_lens, BM, Tq // BM + nreq)
+        work = _cached_work((query_start_loc, seq_lens), ("paged", BM, Tq, nreq, str(q.device)),
+                            lambda: build_work_list(query_start_loc[1:] - query_start_loc[:-1], seq_lens, BM,
+                                                    Tq // BM + nreq))
     bias = rel_bias.to(torch.float32).contiguous() if rel_bias is not None else q.new_zeros(1, dtype=torch.float32)
     R = bias.shape[-1] if rel_bias is not None else 1
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -117,7 +131,8 @@ def hstu_attention_paged_triton(q, kv_cache, block_table, query_start_loc, seq_l
         q, kv_cache, out, query_start_loc, seq_lens, block_table, work, bias,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv_cache.stride(0), kv_cache.stride(1),
         kv_cache.stride(2), block_table.stride(0), float(alpha), R, H,
-        PAGE=page, HAS_BIAS=rel_bias is not None, NORM_LENGTH=norm == "length", BLOCK_M=BM, BLOCK_N=BN, D=D,
+        PAGE=page, HAS_BIAS=rel_bias is not None, BIAS_NEAR=2 if rel_bias is not None else 0,
+        NORM_LENGTH=norm == "length", BLOCK_M=BM, BLOCK_N=BN, D=D,
         SILU=silu_mode(q.dtype), PREC=prec, num_warps=warps, num_stages=stages)
     return out
 
