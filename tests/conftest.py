@@ -93,3 +93,18 @@ def events_dir(tmp_path, events_frame) -> Path:
 def _few_threads(monkeypatch):
     """The CI machine has two cores; keep torch from oversubscribing them."""
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tiny_checkpoint):
+    from batch.model import load_checkpoint
+
+    return load_checkpoint(str(tiny_checkpoint))
+
+
+@pytest.fixture(scope="session")
+def schema(checkpoint):
+    from batch.config import DEFAULT_COLUMNS
+    from batch.events import EventSchema
+
+    return EventSchema.for_checkpoint(dict(DEFAULT_COLUMNS), checkpoint)
