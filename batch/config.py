@@ -126,16 +126,28 @@ class JobConfig:
 ENGINE_SCHEMAS: dict[str, type[EngineConfig]] = {"torch": TorchEngineConfig}
 
 
+# Free-form mappings: `data.storage_options={aws_region: eu-west-1}` may add keys (Hydra locks all others).
+OPEN_DICTS = {DataConfig: ("storage_options", "columns"), ModelConfig: ("arch",), OutputConfig: ("storage_options",)}
+
+
+def schema_node(schema: type) -> DictConfig:
+    """The dataclass as a config node, with its free-form mappings open to new keys."""
+    node = OmegaConf.structured(schema)
+    for key in OPEN_DICTS.get(schema, ()):
+        OmegaConf.set_struct(node[key], False)
+    return node
+
+
 def register_configs() -> None:
     """Put every schema in Hydra's ConfigStore (idempotent; called on import)."""
     cs = ConfigStore.instance()
     cs.store(name="job_schema", node=JobConfig)
-    cs.store(group="data", name="data_schema", node=DataConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="model", name="custom", node=ModelConfig)  # model=custom: any checkpoint, no preset check
-    cs.store(group="output", name="output_schema", node=OutputConfig)
+    cs.store(group="data", name="data_schema", node=schema_node(DataConfig))
+    cs.store(group="model", name="model_schema", node=schema_node(ModelConfig))
+    cs.store(group="model", name="custom", node=schema_node(ModelConfig))  # any checkpoint, no preset check
+    cs.store(group="output", name="output_schema", node=schema_node(OutputConfig))
     for name, schema in ENGINE_SCHEMAS.items():
-        cs.store(group="engine", name=f"{name}_schema", node=schema)
+        cs.store(group="engine", name=f"{name}_schema", node=schema_node(schema))
 
 
 register_configs()

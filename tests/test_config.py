@@ -60,6 +60,14 @@ def test_overrides_reach_the_dataclasses():
     assert cfg.data.columns["item_id"] == "movie_id" and cfg.data.filter == "category != 3"
 
 
+def test_free_form_mappings_accept_new_keys():
+    cfg = job("data.storage_options={aws_endpoint_url: 'http://127.0.0.1:9000', aws_region: eu-west-1}",
+              "output.storage_options={aws_region: eu-west-1}", "data.columns={item_id: movie, age_group: age}")
+    assert cfg.data.storage_options == {"aws_endpoint_url": "http://127.0.0.1:9000", "aws_region": "eu-west-1"}
+    assert cfg.data.columns["item_id"] == "movie" and cfg.data.columns["user_id"] == "user_id"
+    assert cfg.output.storage_options == {"aws_region": "eu-west-1"}
+
+
 def test_every_model_preset_composes():
     presets = sorted(p.stem for p in (REPO / "conf/model").glob("*.yaml"))
     assert "tiny" in presets
