@@ -18,10 +18,10 @@ def build_engine(cfg: EngineConfig, checkpoint: Checkpoint) -> Engine:
         return TorchEngine(cfg, checkpoint)
     if cfg.name == EngineName.vllm:
         try:
-            from batch.engines.vllm_engine import VllmEngine
+            from batch.engines.vllm.engine import VllmEngine
         except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("batch.engines.vllm_engine"):
-                raise ConfigError("engine=vllm is not available in this build (batch/engines/vllm_engine.py is "
+            if e.name and e.name.startswith("batch.engines.vllm"):
+                raise ConfigError("engine=vllm is not available in this build (batch/engines/vllm/ is "
                                   "missing); use engine=torch") from None
             raise ConfigError(f"engine=vllm needs the optional vLLM dependency: {e}") from None
         return VllmEngine(cfg, checkpoint)
