@@ -13,8 +13,11 @@ import triton.language as tl
 
 from .triton_jagged import _cached_work, _silu_scaled, build_work_list, pick_config, silu_mode
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim when they differ from the jagged kernel's.
-CONFIGS: dict[int, tuple[int, int, int, int]] = {}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim when they differ from the jagged kernel's; picked on an
+# H100 by `python -m kernels.bench --sweep --sweep-kernels paged` at page size 64. A page size that is a multiple of
+# BLOCK_N (64 here) lets each key block read one block-table entry; smaller pages (vLLM's default 16) gather per key
+# and ran about 13% slower.
+CONFIGS: dict[int, tuple[int, int, int, int]] = {128: (64, 64, 4, 4), 256: (128, 64, 8, 2)}
 
 
 @triton.jit
