@@ -33,10 +33,9 @@ print("published", flush=True)
 """
 
 
-def start(args: list[str], **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
-                            **kw)
+def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = env or {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
 
 
 def kill_after(proc: subprocess.Popen, marker: str, times: int, sig: signal.Signals) -> str:
@@ -67,7 +66,7 @@ def test_killed_writer_leaves_previous_output(tmp_path: Path, sig: signal.Signal
     manifest = tmp_path / "recs_manifests" / f"dt={DAY}" / "manifest.json"
     assert json.loads(manifest.read_text())["version"] == "v1"
 
-    kill_after(start([*writer, "6", "0.5", "v2"]), "shard", 3, sig)  # dies mid-way, after 3 of 6 shards
+    kill_after(start([*writer, "6", "0.3", "v2"]), "shard", 3, sig)  # dies mid-way, after 3 of 6 shards
     assert visible_files(root) == [f"dt={DAY}/part-0.parquet"]
     assert (root / f"dt={DAY}" / "part-0.parquet").read_bytes() == published
     assert json.loads(manifest.read_text())["version"] == "v1"
@@ -79,3 +78,32 @@ def test_killed_writer_leaves_previous_output(tmp_path: Path, sig: signal.Signal
     assert visible_files(root) == [f"dt={DAY}/part-0.parquet"]
     assert json.loads(manifest.read_text())["version"] == "v3"
     assert not (tmp_path / ".recs.staging").exists()  # the killed run's staging was cleared by the rerun
+
+
+def test_killed_job_leaves_previous_output_and_rerun_publishes_all(tmp_path: Path) -> None:
+    """The real `python -m batch.run` on the sample log, killed by SIGKILL and by SIGTERM half-way."""
+    from tests._sample_job import job_args, job_env, run_job, sample_checkpoint
+
+    ckpt, logs, root = sample_checkpoint(tmp_path), tmp_path / "logs", tmp_path / "recs"
+    part = root / "dt=2026-11-27" / "part-0.parquet"
+    manifest = tmp_path / "recs_manifests" / "dt=2026-11-27" / "manifest.json"
+    out = f"output.path={root}"
+    run_job(ckpt, logs, out, "data.num_shards=2")
+    first, first_manifest = part.read_bytes(), manifest.read_text()
+    reference = pl.read_parquet(part).sort("user_id", "rank")
+    assert reference["user_id"].n_unique() == json.loads(first_manifest)["users"]["scored"] > 0
+
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        proc = start(job_args(ckpt, out, "data.num_shards=24", "output.top_k=7"), env=job_env(logs))
+        log = kill_after(proc, " done (", 4, sig)  # ProgressLog's line after the 4th of 24 shards
+        assert proc.returncode in (-sig, 128 + sig), log[-3000:]  # died by the signal (or a handler's exit)
+        assert visible_files(root) == ["dt=2026-11-27/part-0.parquet"]
+        assert part.read_bytes() == first and manifest.read_text() == first_manifest
+
+    run_job(ckpt, logs, out, "data.num_shards=24")
+    again = pl.read_parquet(part).sort("user_id", "rank")
+    assert visible_files(root) == ["dt=2026-11-27/part-0.parquet"]
+    assert not (tmp_path / ".recs.staging").exists()
+    assert json.loads(manifest.read_text())["output"]["shards"] == 24
+    # same users, same top-K as the 2-shard run: sharding changes batches, not results
+    assert again.select("user_id", "rank", "item_id").equals(reference.select("user_id", "rank", "item_id"))

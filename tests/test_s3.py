@@ -138,3 +138,30 @@ def test_publish_aborts_uploads_left_by_killed_runs(s3: dict, bucket: str) -> No
         w.write_shard(recs([1]))
         w.publish({})
     assert [u["Key"] for u in in_flight_uploads(fs, bucket)] == ["recs/dt=2026-11-25/part-0.parquet"]
+
+
+def test_real_job_reads_from_and_publishes_to_s3(s3: dict, bucket: str, tmp_path) -> None:
+    """`python -m batch.run` with data.path and output.path on s3://, the same code path users get."""
+    from tests._sample_job import SAMPLE_EVENTS, run_job, sample_checkpoint
+
+    fs = s3["fs"]
+    fs.put(str(SAMPLE_EVENTS), f"{bucket}/logs/events", recursive=True)
+    assert len(fs.find(f"{bucket}/logs/events")) == len(list(SAMPLE_EVENTS.rglob("*.parquet")))
+    ckpt, logs = sample_checkpoint(tmp_path), tmp_path / "logs"
+    # endpoint and region in storage_options, dummy credentials from the environment (CREDS)
+    opts = f"{{aws_endpoint_url: '{s3['endpoint']}', aws_allow_http: 'true', aws_region: us-east-1}}"
+    run_job(ckpt, logs, f"data.path=s3://{bucket}/logs/events", f"data.storage_options={opts}",
+            f"output.path=s3://{bucket}/recs", f"output.storage_options={opts}", "data.num_shards=2", **CREDS)
+
+    got = pl.scan_parquet(f"s3://{bucket}/recs/", storage_options=s3["options"]).collect()
+    fs.invalidate_cache()
+    assert fs.find(f"{bucket}/recs") == [f"{bucket}/recs/dt=2026-11-27/part-0.parquet"]
+    manifest = json.loads(fs.cat(f"{bucket}/recs_manifests/dt=2026-11-27/manifest.json"))
+    assert manifest["input"]["path"] == f"s3://{bucket}/logs/events" and manifest["input"]["files_read"] > 0
+    assert manifest["published"]["file"] == f"s3://{bucket}/recs/dt=2026-11-27/part-0.parquet"
+    assert got["dt"].unique().to_list() == [dt.date(2026, 11, 27)] and got.height == manifest["output"]["rows"]
+
+    run_job(ckpt, logs, f"output.path={tmp_path / 'recs'}", "data.num_shards=2")  # the same run, all local
+    local = pl.read_parquet(tmp_path / "recs")
+    cols = ["user_id", "rank", "item_id"]
+    assert got.select(cols).sort(cols).equals(local.select(cols).sort(cols))
