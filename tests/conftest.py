@@ -16,7 +16,7 @@ from batch.model import MTGR, ItemVocab, MTGRConfig, ProfileFeature, TokenLayout
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_DATE = dt.date(2026, 11, 27)  # the tiny log covers the three days before it
-NUM_ITEMS = 40
+NUM_ITEMS = 64
 ITEM_IDS = np.arange(1000, 1000 + NUM_ITEMS, dtype=np.int64)
 
 EVENT_SCHEMA = {
