@@ -9,8 +9,8 @@
 2. Writes a small random-weight checkpoint whose ItemVocab covers most items (weights are irrelevant here).
 3. For each ``num_shards`` runs a fresh subprocess that does what the job's data stage does —
    ``scan_events`` (list, prune, footer checks, lazy scan), ``count_rows`` (drop reasons, one pass), then per
-   shard ``SequenceBuilder.shard_frame(...).collect()`` + ``build`` (sort, last-N, tokenise) — and reports wall
-   time and ``ru_maxrss``.
+   shard ``SequenceBuilder.shard_frame(...).collect()`` (shard_read) + ``build`` (sort, last-N, tokenise:
+   sequences) — and reports wall time and ``ru_maxrss``, with the 1-minute load average around it.
 4. Appends one JSON line per number to bench/results.jsonl. Numbers are printed, never asserted.
 """
 
@@ -150,17 +150,21 @@ def measure(events_dir: Path, checkpoint: Path, num_shards: int) -> dict:
     t1 = time.perf_counter()
     builder = SequenceBuilder(ckpt, schema)
     users = tokens = used = 0
+    read_s = build_s = 0.0
     for shard in range(num_shards):
+        ta = time.perf_counter()
         rows = builder.shard_frame(source.frame, shard, num_shards).collect()
+        tb = time.perf_counter()
         seq = builder.build(rows)
+        read_s, build_s = read_s + tb - ta, build_s + time.perf_counter() - tb
         users += len(seq.batch.user_ids)
         tokens += len(seq.batch.tokens)
         used += seq.events_used
         del rows, seq
     t2 = time.perf_counter()
     return {"rows_read": counts["rows_read"], "rows_clean": counts["rows_clean"], "users": users,
-            "events_used": used, "tokens": tokens, "scan_validate_s": t1 - t0, "sequences_s": t2 - t1,
-            "wall_s": t2 - t0, "rss_after_setup_mb": rss_setup,
+            "events_used": used, "tokens": tokens, "scan_validate_s": t1 - t0, "shard_read_s": read_s,
+            "sequences_s": build_s, "wall_s": t2 - t0, "rss_after_setup_mb": rss_setup,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -204,15 +208,18 @@ def main() -> None:
     lines = []
     for n in args.shards:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
+        load_before = os.getloadavg()[0]  # other work on the box slows events/s, not peak RSS
         proc = subprocess.run([sys.executable, __file__, "--measure", str(n), "--data-dir", str(args.data_dir)],
                               capture_output=True, text=True, env=env, cwd=REPO)
         if proc.returncode:
             sys.exit(f"measurement with num_shards={n} failed:\n{proc.stderr}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         config = {"num_shards": n, "events": r["rows_read"], "users": r["users"], "files": DAYS,
-                  "input_mb": round(size_mb, 1), "max_seq_len": MAX_SEQ_LEN, "row_group_rows": ROW_GROUP}
+                  "input_mb": round(size_mb, 1), "max_seq_len": MAX_SEQ_LEN, "row_group_rows": ROW_GROUP,
+                  "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0]}
         metrics = [("events_per_s", r["rows_read"] / r["wall_s"], "events/s"), ("wall", r["wall_s"], "s"),
-                   ("scan_validate", r["scan_validate_s"], "s"), ("sequences", r["sequences_s"], "s"),
+                   ("scan_validate", r["scan_validate_s"], "s"), ("shard_read", r["shard_read_s"], "s"),
+                   ("sequences", r["sequences_s"], "s"),
                    ("peak_rss", r["peak_rss_mb"], "MiB"), ("rss_after_setup", r["rss_after_setup_mb"], "MiB")]
         print(f"num_shards={n}: {r['rows_read']:,} events, {r['users']:,} users, {r['tokens']:,} tokens | "
               + ", ".join(f"{m} {v:,.1f} {u}" for m, v, u in metrics), flush=True)
