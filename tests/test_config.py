@@ -68,6 +68,13 @@ def test_free_form_mappings_accept_new_keys():
     assert cfg.output.storage_options == {"aws_region": "eu-west-1"}
 
 
+def test_daily_preset_runs_as_of_today_and_needs_a_path():
+    cfg = job("data=daily", "data.path=s3://bucket/logs")
+    assert cfg.data.run_date == dt.date.today().isoformat() and cfg.data.num_shards == 16
+    with pytest.raises(ConfigError, match="data.path"):
+        job("data=daily")
+
+
 def test_every_model_preset_composes():
     presets = sorted(p.stem for p in (REPO / "conf/model").glob("*.yaml"))
     assert "tiny" in presets

@@ -87,6 +87,16 @@ def test_shard_count_and_token_budget_do_not_change_results(tmp_path, events_dir
     assert_same_recs(runs["one"], runs["small_budget"])
 
 
+def test_string_user_ids_and_nested_output(tmp_path, events_frame, events_dir, tiny_checkpoint):
+    strings = write_hive(events_frame.with_columns(pl.format("u{}", "user_id").alias("user_id")), tmp_path / "ev")
+    run_job(config(strings, tiny_checkpoint, tmp_path / "s", "data.num_shards=3", "output.format=nested"))
+    run_job(config(events_dir, tiny_checkpoint, tmp_path / "i", "data.num_shards=2"))
+    nested = published(tmp_path / "s").explode("recs").unnest("recs")
+    ints = published(tmp_path / "i").with_columns(pl.format("u{}", "user_id").alias("user_id"))
+    assert nested["user_id"].n_unique() == ints["user_id"].n_unique()
+    assert_same_recs(nested, ints)
+
+
 def test_dirty_rows_are_dropped_counted_and_reported(tmp_path, tiny_checkpoint, events_frame):
     frame = events_frame.with_columns(
         user_id=pl.when(pl.int_range(pl.len()) % 10 == 0).then(None).otherwise(pl.col("user_id")),
