@@ -203,7 +203,9 @@ _WORK_CACHE: list = []  # one entry: (key tensors, their versions, params, work 
 
 def _cached_work(tensors: tuple, params: tuple, make) -> torch.Tensor:
     """Reuse the work list while the model calls every layer with the same offsets tensors (identity + version)."""
-    versions = tuple(t._version if t is not None else None for t in tensors)
+    # Inference tensors (torch.inference_mode: the torch engine, vLLM) keep no version counter; for them the
+    # identity check below is the whole key, so callers pass fresh tensors (or views) per batch.
+    versions = tuple(None if t is None or t.is_inference() else t._version for t in tensors)
     if _WORK_CACHE:
         ts, vs, ps, work = _WORK_CACHE[0]
         if ps == params and vs == versions and len(ts) == len(tensors) and all(a is b for a, b in zip(ts, tensors)):
