@@ -73,7 +73,7 @@ class HSTUAttentionImpl(AttentionImpl[HSTUMetadata]):
                 kv_cache: torch.Tensor, attn_metadata: HSTUMetadata | None, output: torch.Tensor | None = None,
                 output_scale=None, output_block_scale=None, **unused) -> torch.Tensor:
         assert output is not None
-        if attn_metadata is None:  # profiling run: no cache yet
+        if attn_metadata is None or kv_cache.numel() == 0:  # profiling run: no cache yet
             return output.zero_()
         md, n = attn_metadata, attn_metadata.num_tokens
         write_kv_cache(key[:n], value[:n], kv_cache, md.slot_mapping)

@@ -46,8 +46,11 @@ class MTGRForItemScoring(nn.Module):
         if inputs_embeds is not None:
             raise NotImplementedError("MTGR scores token prompts only (its groups come from the token ids)")
         self._step = self._metadata()
+        kv_cache = compat.layer_kv_cache(self.attn[0])
+        if self._step is not None and kv_cache.numel() == 0:  # profiling run: no cache yet
+            self._step = None
         if self._step is not None and self.exclude_seen:
-            self.seen.write(input_ids, self._step, compat.layer_kv_cache(self.attn[0]))
+            self.seen.write(input_ids, self._step, kv_cache)
         x, groups = self.mtgr.embed(input_ids)
         for layer, attn in zip(self.mtgr.layers, self.attn):
             # The backend reads the bias from ``attn.rel_bias_table`` (the same table, built after loading).
@@ -60,7 +63,8 @@ class MTGRForItemScoring(nn.Module):
         logits[:, self.item_offset:] = self.mtgr.item_logits(hidden_states)
         step, self._step = self._step, None
         if step is not None and self.exclude_seen and self.seen.ids is not None:
-            if hidden_states.shape[0] != step.num_reqs:
+            # Row r is request r of this step (padded requests, if any, come last and have no row).
+            if hidden_states.shape[0] > step.num_reqs:
                 raise RuntimeError(f"MTGR expects one logits row per request, got {hidden_states.shape[0]} rows "
                                    f"for {step.num_reqs} requests (speculative decoding and prompt logprobs "
                                    "are not supported)")
