@@ -53,9 +53,18 @@ def test_defaults_point_at_the_sample():
 
 
 def test_overrides_reach_the_dataclasses():
+    """Every key option that --help lists."""
     cfg = job("data.num_shards=4", "output.top_k=20", "engine.batch_tokens=512", "engine.dtype=bfloat16",
-              "output.format=nested", "data.columns.item_id=movie_id", "data.filter='category != 3'")
+              "output.format=nested", "data.columns.item_id=movie_id", "data.filter='category != 3'",
+              "data.path=s3://b/logs", "data.run_date=2026-01-31", "data.lookback_days=7", "data.max_seq_len=256",
+              "model.checkpoint=/ckpt", "engine=torch", "engine.device=cpu", "output.path=gs://b/recs",
+              "output.exclude_seen=false", "output.compression=snappy", "output.storage_options={anon: true}")
     assert (cfg.data.num_shards, cfg.output.top_k, cfg.engine.batch_tokens) == (4, 20, 512)
+    assert (cfg.data.path, cfg.data.run_date, cfg.data.lookback_days, cfg.data.max_seq_len) == \
+        ("s3://b/logs", "2026-01-31", 7, 256)
+    assert (cfg.model.checkpoint, cfg.engine.device, cfg.output.path) == ("/ckpt", "cpu", "gs://b/recs")
+    assert not cfg.output.exclude_seen and cfg.output.compression == "snappy"
+    assert cfg.output.storage_options == {"anon": True}
     assert cfg.output.format == "nested" and cfg.engine.dtype.value == "bfloat16"  # str-Enums compare to strings
     assert cfg.data.columns["item_id"] == "movie_id" and cfg.data.filter == "category != 3"
 
@@ -160,3 +169,4 @@ def test_cli_bad_range_is_one_line(tmp_path):
     assert out.returncode == 1
     errors = [line for line in out.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "output.top_k=0" in errors[0] and "Traceback" not in out.stderr
+    assert "output.top_k=0" in (tmp_path / "run.log").read_text()  # hydra.run.dir took the override

@@ -79,12 +79,14 @@ def test_cli_end_to_end_on_a_tiny_log(tmp_path, events_dir, tiny_checkpoint, eve
 def test_shard_count_and_token_budget_do_not_change_results(tmp_path, events_dir, tiny_checkpoint):
     runs = {}
     for name, overrides in {"one": ["data.num_shards=1"], "four": ["data.num_shards=4"],
-                            "small_budget": ["data.num_shards=3", "engine.batch_tokens=40"]}.items():
+                            "small_budget": ["data.num_shards=3", "engine.batch_tokens=40"],
+                            "more_shards_than_users": ["data.num_shards=64"]}.items():
         out = tmp_path / name
         run_job(config(events_dir, tiny_checkpoint, out, "output.top_k=15", *overrides))
         runs[name] = published(out)
     assert_same_recs(runs["one"], runs["four"])
     assert_same_recs(runs["one"], runs["small_budget"])
+    assert_same_recs(runs["one"], runs["more_shards_than_users"])  # empty shards are fine
 
 
 def test_string_user_ids_and_nested_output(tmp_path, events_frame, events_dir, tiny_checkpoint):

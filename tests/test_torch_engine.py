@@ -7,11 +7,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from batch.config import Device, TorchEngineConfig
+from batch.config import Device, DType, TorchEngineConfig
 from batch.engines.base import TopK, UserBatch, recommendations_table
 from batch.engines.torch_engine import TorchEngine, deterministic_topk, pack_by_tokens, resolve_device
 from batch.errors import ConfigError
 from batch.events import normalize
+from batch.model import load_checkpoint
 from batch.sequences import SequenceBuilder
 
 from conftest import NUM_ITEMS, make_events
@@ -116,3 +117,14 @@ def test_cuda_without_a_gpu_is_a_config_error():
     with pytest.raises(ConfigError, match="engine.device=cuda"):
         resolve_device(Device.cuda)
     assert resolve_device(Device.auto).type == "cpu"
+
+
+@pytest.mark.parametrize("dtype", [DType.bfloat16, DType.float16])
+def test_half_precision_runs_and_still_excludes_seen_items(tiny_checkpoint, seqs, dtype):
+    fresh = load_checkpoint(str(tiny_checkpoint))  # the engine casts the model it is given
+    top = TorchEngine(TorchEngineConfig(device=Device.cpu, dtype=dtype), fresh).score(seqs.batch, 5, True)
+    assert fresh.model.embed.item.weight.dtype == getattr(torch, dtype.value)
+    assert np.isfinite(top.scores).all() and (top.items >= 0).all()
+    for b in range(len(seqs.batch)):
+        tokens = seqs.batch.tokens[seqs.batch.offsets[b]: seqs.batch.offsets[b + 1]]
+        assert not set(top.items[b].tolist()) & set((tokens - fresh.layout.item_offset).tolist())
