@@ -33,7 +33,7 @@ def rank_metrics(ranks: np.ndarray) -> dict[str, float]:
     for k in CUTOFFS:
         within = hit & (ranks <= k)
         out[f"hr@{k}"] = float(within.mean())
-        out[f"ndcg@{k}"] = float(np.where(within, 1.0 / np.log2(ranks + 1.0), 0.0).mean())
+        out[f"ndcg@{k}"] = float(np.where(within, 1.0 / np.log2(np.maximum(ranks, 1.0) + 1.0), 0.0).mean())
     out["mrr"] = float(np.where(hit, 1.0 / np.maximum(ranks, 1.0), 0.0).mean())
     return out
 

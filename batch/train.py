@@ -42,9 +42,9 @@ class TrainConfig:
     columns: dict[str, str] = field(default_factory=dict)
     out: str = "data/samples/checkpoint"
     model_version: str = "mtgr-tiny-sample-v1"
-    epochs: int = 20
-    batch_tokens: int = 16384
-    lr: float = 2e-3
+    epochs: int = 24
+    batch_tokens: int = 8192
+    lr: float = 3e-3
     weight_decay: float = 0.01
     warmup_steps: int = 50
     loss: Loss = Loss.full

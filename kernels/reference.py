@@ -70,11 +70,15 @@ def hstu_attention_naive(q, k, v, offsets, *, alpha, prefix_lens=None, num_candi
 
 
 def _padded_core(qp, kp, vp, mask, denom, qpos, kpos, alpha, rel_bias):
-    """qp (B, H, M, D), kp/vp (B, H, N, D), mask (B, M, N), denom (B, M), qpos (B, M), kpos (B, N) -> (B, H, M, D)."""
+    """qp (B, H, M, D), kp/vp (B, H, N, D), mask (B, M, N), denom (B, M) -> (B, H, M, D).
+
+    qpos / kpos: (B, M) / (B, N) positions, or (M,) / (N,) when every sequence of the chunk shares them (jagged
+    batches start at position 0), in which case the bias is gathered once for the chunk instead of per sequence."""
     scores = alpha * torch.matmul(qp, kp.transpose(-1, -2))
     if rel_bias is not None:
-        dist = (qpos[:, :, None] - kpos[:, None, :]).abs()  # (B, M, N)
-        scores = scores + _bias_table(rel_bias.to(scores.dtype), dist).transpose(0, 1)
+        dist = (qpos[..., :, None] - kpos[..., None, :]).abs()  # (B, M, N) or (M, N)
+        bias = _bias_table(rel_bias.to(scores.dtype), dist)  # (H, B, M, N) or (H, M, N)
+        scores = scores + (bias.transpose(0, 1) if dist.dim() == 3 else bias)
     a = F.silu(scores) * (mask / denom[:, :, None]).unsqueeze(1)
     return torch.matmul(a, vp)
 
@@ -125,8 +129,7 @@ def hstu_attention_torch(q, k, v, offsets, *, alpha, prefix_lens=None, num_candi
         mask = ((j < hi) | (cand & (j == i))) & valid[:, None, :]
         n = (hi + cand.long()).squeeze(-1)
         denom = Ls[:, None].expand(-1, Lm) if norm == "length" else n
-        o = _padded_core(qp, kp, vp, mask.to(cd), denom.clamp(min=1).to(cd), pos[None].expand(len(chunk), -1),
-                         pos[None].expand(len(chunk), -1), alpha, rel_bias)
+        o = _padded_core(qp, kp, vp, mask.to(cd), denom.clamp(min=1).to(cd), pos, pos, alpha, rel_bias)
         o = o.permute(0, 2, 1, 3)  # (Bc, Lm, H, D)
         outs.append(o[valid])
         rows.append(idx[valid])

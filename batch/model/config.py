@@ -35,6 +35,7 @@ class MTGRConfig:
     num_categories: int = 0  # item attribute looked up inside the model; 0 = none
     feature_dim: int = 16  # width of each side-feature embedding before fusion
     rel_pos_buckets: int = 32
+    rel_pos_max_distance: int = 128  # distances beyond share one bias (kernels then skip the per-score gather)
     dropout: float = 0.0
     action_flags: list[str] = field(default_factory=lambda: ["is_liked", "is_favorited", "is_shared"])
     watch_percentage_boundaries: list[float] = field(
@@ -64,6 +65,7 @@ class MTGRConfig:
             (self.num_items > 0, "num_items must be > 0"),
             (self.num_categories >= 0, "num_categories must be >= 0"),
             (self.rel_pos_buckets >= 2, "rel_pos_buckets must be >= 2"),
+            (self.rel_pos_max_distance >= self.rel_pos_buckets, "rel_pos_max_distance must be >= rel_pos_buckets"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (len(self.action_flags) <= 8, "at most 8 action_flags"),
         ]

@@ -22,7 +22,7 @@ from kernels import hstu_attention
 from .config import MTGRConfig
 from .tokens import GROUP_ACTION, GROUP_ITEM, GROUP_PROFILE, NUM_GROUPS, TokenLayout
 
-# attend(layer_index, q, k, v, rel_bias) -> (T, H, D); q, k, v: (T, H, D); rel_bias: (H, max_seq_len)
+# attend(layer_index, q, k, v, rel_bias) -> (T, H, D); q, k, v: (T, H, D); rel_bias: (H, R) by distance
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -40,12 +40,13 @@ class GroupLayerNorm(nn.Module):
         return y * self.weight[groups] + self.bias[groups]
 
 
-def relative_buckets(max_len: int, num_buckets: int) -> torch.Tensor:
-    """Bucket of each distance 0..max_len-1: exact for small distances, log-spaced beyond."""
-    exact = max(1, num_buckets // 2)
-    d = torch.arange(max_len, dtype=torch.float64)
-    log_part = exact + torch.floor(torch.log(d.clamp(min=exact) / exact)
-                                   / math.log(max(max_len / exact, 2.0)) * (num_buckets - exact))
+def relative_buckets(max_distance: int, num_buckets: int) -> torch.Tensor:
+    """Bucket of each distance 0..max_distance: exact below num_buckets // 2, log-spaced up to max_distance
+    (the last bucket). Longer distances share the last bucket, so bias tables stop at max_distance."""
+    exact = num_buckets // 2
+    d = torch.arange(max_distance + 1, dtype=torch.float64)
+    log_part = exact + torch.floor(torch.log(d.clamp(min=exact) / exact) / math.log(max_distance / exact)
+                                   * (num_buckets - 1 - exact))
     return torch.where(d < exact, d, log_part).clamp(max=num_buckets - 1).long()
 
 
@@ -63,10 +64,12 @@ class HSTULayer(nn.Module):
         self.out = nn.Linear(d, d)
         self.rel_bias = nn.Parameter(torch.zeros(cfg.num_heads, cfg.rel_pos_buckets))
         self.dropout = cfg.dropout
-        self.register_buffer("buckets", relative_buckets(cfg.max_seq_len, cfg.rel_pos_buckets), persistent=False)
+        self.register_buffer("buckets", relative_buckets(cfg.rel_pos_max_distance, cfg.rel_pos_buckets),
+                             persistent=False)
 
     def rel_bias_table(self) -> torch.Tensor:
-        """(H, max_seq_len) float32 bias by relative distance, as the attention kernels take it."""
+        """(H, rel_pos_max_distance + 1) float32 bias by relative distance |i - j| (the kernels clamp longer
+        distances to the last column)."""
         return self.rel_bias[:, self.buckets].float()
 
     def forward(self, x: torch.Tensor, groups: torch.Tensor, attend: Callable[..., torch.Tensor]) -> torch.Tensor:
