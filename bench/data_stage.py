@@ -178,8 +178,8 @@ def device() -> str:
 
 def git_commit() -> str:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "bench/data_stage.py"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "batch", "bench/data_stage.py"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()  # the code measured
     return head + ("-dirty" if dirty else "")
 
 
@@ -202,7 +202,7 @@ def main() -> None:
     events_dir = generate(args.data_dir, args.events)
     make_checkpoint(args.data_dir)
     size_mb = sum(p.stat().st_size for p in events_dir.rglob("*.parquet")) / 2**20
-    command = "python bench/data_stage.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = " ".join(["python bench/data_stage.py", *(shlex.quote(a) for a in sys.argv[1:])])
     common = {"bench": "data_stage", "device": device(), "commit": git_commit(), "command": command,
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     lines = []
@@ -216,7 +216,7 @@ def main() -> None:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         config = {"num_shards": n, "events": r["rows_read"], "users": r["users"], "files": DAYS,
                   "input_mb": round(size_mb, 1), "max_seq_len": MAX_SEQ_LEN, "row_group_rows": ROW_GROUP,
-                  "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0]}
+                  "loadavg_1m_before": round(load_before, 2), "loadavg_1m_after": round(os.getloadavg()[0], 2)}
         metrics = [("events_per_s", r["rows_read"] / r["wall_s"], "events/s"), ("wall", r["wall_s"], "s"),
                    ("scan_validate", r["scan_validate_s"], "s"), ("shard_read", r["shard_read_s"], "s"),
                    ("sequences", r["sequences_s"], "s"),
