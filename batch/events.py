@@ -99,11 +99,27 @@ class EventSchema:
 class EventSource:
     """The run's input: the files read (after partition pruning) and the normalised lazy frame."""
 
-    files: list[str]
+    files: list[str]  # as given to Polars (local paths or URLs)
     files_pruned: int
     frame: pl.LazyFrame
     window: tuple[dt.date, dt.date] | None
-    stats: dict[str, Any] = field(default_factory=dict)
+    columns: list[str] = field(default_factory=list)  # input columns read
+    storage_options: dict[str, Any] | None = None
+
+    def collect(self, lf: pl.LazyFrame) -> pl.DataFrame:
+        """``lf.collect()``; a file that fails mid-read (e.g. a corrupt page) becomes an InputError naming it."""
+        try:
+            return lf.collect()
+        except (pl.exceptions.ComputeError, OSError) as e:
+            raise InputError(self._explain(e)) from None
+
+    def _explain(self, error: Exception) -> str:
+        for path in self.files:  # the failure path only: find the culprit by reading file by file
+            try:
+                pl.scan_parquet(path, storage_options=self.storage_options).select(self.columns).collect()
+            except (pl.exceptions.ComputeError, OSError) as e:
+                return f"{path}: cannot be read: {str(e).splitlines()[0]}"
+        return f"reading the input failed: {str(error).splitlines()[0]}"
 
 
 # -- finding files -------------------------------------------------------------------------------------------------
@@ -196,9 +212,10 @@ def scan_events(path: str, schema: EventSchema, *, storage_options: dict[str, An
                          f"window [{window[0]}, {window[1]}) (check data.run_date and data.lookback_days)")
     check_files(fs, kept, schema)
     sources = kept if isinstance(fs, LocalFileSystem) else [fs.unstrip_protocol(p) for p in kept]
-    lf = pl.scan_parquet(sources, hive_partitioning=True, extra_columns="ignore",
-                         storage_options=None if isinstance(fs, LocalFileSystem) else (storage_options or None))
-    return EventSource(kept, len(files) - len(kept), normalize(lf, schema, window, sql_filter), window)
+    options = None if isinstance(fs, LocalFileSystem) else (storage_options or None)
+    lf = pl.scan_parquet(sources, hive_partitioning=True, extra_columns="ignore", storage_options=options)
+    return EventSource(sources, len(files) - len(kept), normalize(lf, schema, window, sql_filter), window,
+                       sorted(set(schema.columns.values())), options)
 
 
 def normalize(lf: pl.LazyFrame, schema: EventSchema, window: tuple[dt.date, dt.date] | None = None,
@@ -249,12 +266,13 @@ def drop_reason(window: tuple[dt.date, dt.date] | None) -> pl.Expr:
     return expr.otherwise(pl.lit(None, dtype=pl.String))
 
 
-def count_rows(frame: pl.LazyFrame, item_ids: pa.Array) -> dict[str, Any]:
+def count_rows(source: EventSource | pl.LazyFrame, item_ids: pa.Array) -> dict[str, Any]:
     """One streaming pass: rows read, rows dropped by reason, clean rows and clean rows with unknown items."""
+    frame = source.frame if isinstance(source, EventSource) else source
     known = pl.Series("known", item_ids)
-    counts = (frame.group_by(DROP_REASON)
-              .agg(pl.len().alias("rows"), (~pl.col("item_id").is_in(known.implode())).sum().alias("unknown"))
-              .collect())
+    query = frame.group_by(DROP_REASON).agg(
+        pl.len().alias("rows"), (~pl.col("item_id").is_in(known.implode())).sum().alias("unknown"))
+    counts = source.collect(query) if isinstance(source, EventSource) else query.collect()
     dropped = {r: int(n) for r, n in zip(counts[DROP_REASON], counts["rows"]) if r is not None}
     clean = counts.filter(pl.col(DROP_REASON).is_null())
     return {

@@ -38,7 +38,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     with stats.stage("scan"):
         source = scan_events(cfg.data.path, schema, storage_options=cfg.data.storage_options,
                              window=window(cfg.data), sql_filter=cfg.data.filter)
-        stats.add_rows(count_rows(source.frame, ckpt.items.item_ids))
+        stats.add_rows(count_rows(source, ckpt.items.item_ids))
     if stats.counts["rows_clean"] == 0:
         raise InputError(f"no usable rows in {cfg.data.path!r} for the window ending {cfg.data.run_date} "
                          f"({stats.counts['rows_read']} read, dropped: {stats.rows_dropped or 'none'})")
@@ -51,9 +51,10 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             for shard in range(num_shards):
                 t0 = time.perf_counter()
                 with stats.stage("read"):
-                    rows = builder.shard_frame(source.frame, shard, num_shards).collect()
+                    rows = source.collect(builder.shard_frame(source.frame, shard, num_shards))
                 with stats.stage("sequences"):
                     seqs = builder.build(rows)
+                    del rows  # keep at most one shard's rows in memory
                 with stats.stage("score"):
                     top = engine.score(seqs.batch, cfg.output.top_k, cfg.output.exclude_seen)
                 with stats.stage("write"):

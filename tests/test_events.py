@@ -139,3 +139,15 @@ def test_filter_that_cannot_apply_is_a_config_error(events_dir, schema):
 
     with pytest.raises(ConfigError, match="data.filter"):
         scan(events_dir, schema, sql_filter="no_such_column > 3")
+
+
+def test_file_corrupt_past_its_footer_is_named_when_read(tmp_path, schema, checkpoint):
+    root = write_hive(make_events(num_users=200, days=2), tmp_path / "ev")
+    bad = root / "dt=2026-11-26" / "part-0.parquet"
+    data = bytearray(bad.read_bytes())
+    for i in range(8, len(data) // 2):  # the footer (schema) stays intact, the data pages do not
+        data[i] ^= 0x5A
+    bad.write_bytes(bytes(data))
+    source = scan(root, schema)  # footers are fine
+    with pytest.raises(InputError, match=r"dt=2026-11-26/part-0\.parquet: cannot be read"):
+        count_rows(source, checkpoint.items.item_ids)
