@@ -120,11 +120,19 @@ def output_schema(fmt: str, user_type: pa.DataType, item_type: pa.DataType) -> p
     return pa.schema([pa.field("user_id", user_type, nullable=False), pa.field("recs", pa.list_(rec)), *tail])
 
 
-def to_output_table(shard: pa.Table, schema: pa.Schema, fmt: str, model_version: str, run_date: dt.date) -> pa.Table:
-    """Convert one shard (user_id, rank, item_id, score rows) to the published ``schema``."""
+def check_shard(shard: pa.Table, top_k: int) -> None:
+    """Reject a shard without the input columns or with ranks outside 1..top_k (ValueError)."""
     missing = [c for c in INPUT_COLUMNS if c not in shard.column_names]
     if missing:
         raise ValueError(f"write_shard: table lacks column(s) {missing}; expected {list(INPUT_COLUMNS)}")
+    lo, hi = pc.min_max(shard["rank"]).values()
+    if shard["rank"].null_count or (lo.as_py() is not None and (lo.as_py() < 1 or hi.as_py() > top_k)):
+        raise ValueError(f"write_shard: rank must be in 1..{top_k} (output.top_k), got {lo}..{hi} "
+                         f"with {shard['rank'].null_count} nulls")
+
+
+def to_output_table(shard: pa.Table, schema: pa.Schema, fmt: str, model_version: str, run_date: dt.date) -> pa.Table:
+    """Convert one checked shard (user_id, rank, item_id, score rows) to the published ``schema``."""
     n_rows = shard.num_rows
     user = shard["user_id"].cast(schema.field("user_id").type)
     rank = shard["rank"].cast(pa.int16())
@@ -339,10 +347,8 @@ class OutputWriter:
         """Append one shard's rows (user_id, rank, item_id, score) to the output file."""
         if self._sink is None or self.published:
             raise RuntimeError("write_shard() outside the `with OutputWriter(...)` block or after publish()")
+        check_shard(table, self.top_k)
         if self._writer is None:
-            missing = [c for c in INPUT_COLUMNS if c not in table.column_names]
-            if missing:
-                raise ValueError(f"write_shard: table lacks column(s) {missing}; expected {list(INPUT_COLUMNS)}")
             self._open_writer(_unlarge(table.schema.field("user_id").type),
                               _unlarge(table.schema.field("item_id").type))
         out = to_output_table(table, self._writer.schema, self.fmt, self.model_version, self.run_date)

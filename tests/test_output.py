@@ -204,3 +204,13 @@ def test_storage_options_translation() -> None:
     native = {"key": "k", "client_kwargs": {"endpoint_url": "http://x"}}
     assert fsspec_options("s3", native) == native
     assert fsspec_options("gs", {"token": "anon"}) == {"token": "anon"}
+
+
+@pytest.mark.parametrize("bad_rank", [0, K + 1])
+def test_rank_outside_top_k_is_rejected(tmp_path: Path, bad_rank: int) -> None:
+    t = shard([1, 2], "int")
+    t = t.set_column(1, "rank", pa.array([bad_rank] + t["rank"].to_pylist()[1:], pa.int16()))
+    with pytest.raises(ValueError, match="rank must be in 1..3"):
+        with OutputWriter(cfg(tmp_path / "recs"), DAY, "v1", "h") as w:
+            w.write_shard(t)
+    assert files_under(tmp_path / "recs") == []
