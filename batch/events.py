@@ -158,7 +158,10 @@ def prune_partitions(files: list[str], start: dt.date, end: dt.date) -> list[str
         for part in path.split("/"):
             m = _DT_PART.match(part)
             if m:
-                return start <= dt.date.fromisoformat(m.group(1)) < end
+                try:
+                    return start <= dt.date.fromisoformat(m.group(1)) < end
+                except ValueError:  # not a real date: keep the file, the timestamp filter decides
+                    return True
         return True
 
     return [p for p in files if in_window(p)]

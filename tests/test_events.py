@@ -43,6 +43,8 @@ def test_partition_pruning_keeps_window_days_only(events_dir, schema):
     files = list_files(str(events_dir))[1]
     kept = prune_partitions(files, dt.date(2026, 11, 25), dt.date(2026, 11, 26))
     assert [Path(f).parent.name for f in kept] == ["dt=2026-11-25"]
+    odd = ["root/dt=2026-02-30/a.parquet", "root/day=1/b.parquet"]  # not a date / not dt=: kept
+    assert prune_partitions(odd, dt.date(2026, 11, 25), dt.date(2026, 11, 26)) == odd
     source = scan(events_dir, schema, window=(dt.date(2026, 11, 25), RUN_DATE))
     assert len(source.files) == 2 and source.files_pruned == 1
 

@@ -66,7 +66,6 @@ def test_cli_end_to_end_on_a_tiny_log(tmp_path, events_dir, tiny_checkpoint, eve
     assert got["user_id"].unique().sort().to_list() == users
     assert got.group_by("user_id").agg(pl.col("rank").sort()).get_column("rank").to_list() == \
         [list(range(1, 21))] * len(users)
-    assert got["score"].is_sorted(descending=True) is False or True  # order across users is not promised
     assert (got.sort("user_id", "rank").group_by("user_id", maintain_order=True)
             .agg(pl.col("score").diff().drop_nulls().max()).get_column("score").max() <= 0)  # best first
     m = manifest(out)
