@@ -112,9 +112,10 @@ class HSTUAttentionBackend(AttentionBackend):
 class HSTUAttention(Attention):
     """vLLM attention layer of one HSTU block: holds the block's relative-position bias for the backend."""
 
-    def __init__(self, num_heads: int, head_dim: int, alpha: float, max_seq_len: int, prefix: str,
+    def __init__(self, num_heads: int, head_dim: int, alpha: float, bias_columns: int, prefix: str,
                  cache_config=None):
         super().__init__(num_heads, head_dim, scale=alpha, num_kv_heads=num_heads,
                          cache_config=cache_config, prefix=prefix, attn_backend=HSTUAttentionBackend)
-        self.register_buffer("rel_bias_table", torch.zeros(num_heads, max_seq_len, dtype=torch.float32),
+        # (H, R) float32 bias by relative distance (longer distances use the last column); set after loading.
+        self.register_buffer("rel_bias_table", torch.zeros(num_heads, bias_columns, dtype=torch.float32),
                              persistent=False)

@@ -31,8 +31,8 @@ class MTGRForItemScoring(nn.Module):
         self.item_offset = self.mtgr.embed.layout.item_offset
         self.vocab_size = self.mtgr.embed.layout.vocab_size
         self.attn = nn.ModuleList(
-            HSTUAttention(cfg.num_heads, cfg.head_dim, layer.alpha, cfg.max_seq_len, prefix=f"{prefix}attn.{i}",
-                          cache_config=vllm_config.cache_config)
+            HSTUAttention(cfg.num_heads, cfg.head_dim, layer.alpha, layer.rel_bias_table().shape[1],
+                          prefix=f"{prefix}attn.{i}", cache_config=vllm_config.cache_config)
             for i, layer in enumerate(self.mtgr.layers))
         self.exclude_seen = True
         self.seen = PagedTokenIds()
