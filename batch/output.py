@@ -16,6 +16,12 @@ Publish protocol:
 
 Afterwards any other file left in the partition by an older writer is deleted, so a rerun replaces.
 
+What readers see: before the publish the old run, after it the new run, never a partial or mixed partition
+(one file, swapped whole). A query that is *running* while a rerun publishes the same date can fail, though:
+Polars and DuckDB open a file's path more than once per query (footer, then pages) and the second open gets the
+new file; they raise (Polars may panic) rather than return wrong rows, and a retry reads the new run. Unique file
+names would not help: a listing would then briefly show both runs (duplicates) or neither.
+
 Nothing is ever staged inside the root: Polars' and DuckDB's directory/glob scans pick up hidden staging
 directories, and Polars refuses a directory holding non-Parquet files. That is also why the manifest lives
 in the sibling ``<root>_manifests`` tree. The old manifest of the date is deleted just before the data is
