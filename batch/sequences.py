@@ -112,8 +112,7 @@ class SequenceBuilder:
     def build(self, rows: pl.DataFrame) -> ShardSequences:
         """Sequences of the users in ``rows`` (a collected shard frame, any row order)."""
         users_in = rows["user_id"].drop_nulls().n_unique()
-        clean = rows.filter(pl.col(DROP_REASON).is_null()).drop(DROP_REASON)
-        clean = clean.sort(self.sort_keys, nulls_last=True)
+        clean = self.time_order(rows.filter(pl.col(DROP_REASON).is_null()).drop(DROP_REASON))
         n = self.max_events
         kept = clean.filter(pl.int_range(pl.len()).reverse().over("user_id") < n)  # the last n events
         per_user = kept.group_by("user_id", maintain_order=True).agg(
@@ -121,6 +120,23 @@ class SequenceBuilder:
         tokens, offsets, oov = self.encode(kept, per_user)
         batch = UserBatch(user_ids=per_user["user_id"].to_arrow(), tokens=tokens, offsets=offsets)
         return ShardSequences(batch, users_in, users_in - per_user.height, clean.height, kept.height, oov)
+
+    def time_order(self, events: pl.DataFrame) -> pl.DataFrame:
+        """Rows sorted by ``sort_keys``: a full sort on (user, time, item), then only rows that tie on all three
+        are re-sorted by every key (a many-key sort of the whole shard costs ~5x more)."""
+        head = self.sort_keys[:3]
+        events = events.sort(head)
+        same = [pl.all_horizontal(pl.col(k) == pl.col(k).shift(step) for k in head).fill_null(False)
+                for step in (1, -1)]
+        tied = np.flatnonzero(events.select(same[0] | same[1]).to_series().to_numpy())
+        if len(tied) == 0:
+            return events
+        # Tied rows form runs that already sit in (user, time, item) order, so sorting just them by every
+        # key and putting them back into the same positions gives the full sort.
+        sub = events[tied].with_columns(pl.Series("_pos", tied)).sort(self.sort_keys, nulls_last=True)
+        order = np.arange(events.height)
+        order[tied] = sub["_pos"].to_numpy()
+        return events[order]
 
     def encode(self, events: pl.DataFrame, per_user: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, int]:
         """Flat, user-sorted events -> (tokens, token offsets, number of OOV items)."""

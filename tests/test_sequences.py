@@ -130,3 +130,17 @@ def test_max_seq_len_above_the_checkpoints_is_refused(checkpoint, schema):
 
     with pytest.raises(ConfigError, match="data.max_seq_len"):
         SequenceBuilder(checkpoint, schema, checkpoint.config.max_seq_len + 1)
+
+
+def test_time_order_equals_a_full_sort_on_every_key(checkpoint, schema):
+    rng = np.random.default_rng(7)
+    n = 3000  # few users, instants and items: most rows tie on (user, time, item)
+    frame = make_events(num_users=1, unknown_items=False).head(1).sample(n, with_replacement=True, seed=1)
+    frame = frame.with_columns(
+        user_id=pl.Series(rng.integers(0, 5, n)), video_id=pl.Series(rng.integers(1000, 1003, n)),
+        timestamp=pl.lit(dt.datetime(2026, 11, 26)) + pl.duration(seconds=pl.Series(rng.integers(0, 3, n))),
+        watch_duration=pl.Series(rng.integers(0, 4, n).astype(float)), is_liked=pl.Series(rng.random(n) < 0.5),
+        watch_percentage=pl.Series(np.where(rng.random(n) < 0.1, np.nan, rng.integers(0, 3, n) / 2)))
+    builder = SequenceBuilder(checkpoint, schema)
+    events = normalize(frame.lazy(), schema).collect().drop("drop_reason")
+    assert builder.time_order(events).equals(events.sort(builder.sort_keys, nulls_last=True))
