@@ -100,3 +100,32 @@ def test_vllm_matches_torch_with_seen_items(engines, users):
     sub = users.select(slice(0, 20))
     assert_same_topk(vllm_engine.score(sub, TOP_K, exclude_seen=False), torch_engine.score(sub, TOP_K, False))
     assert_same_topk(vllm_engine.score(sub, 3, exclude_seen=True), torch_engine.score(sub, 3, True))
+
+
+def test_paged_token_ids_mask_reads_the_context_through_the_block_table():
+    import torch
+
+    from batch.engines.vllm.attention import HSTUMetadata
+    from batch.engines.vllm.seen import PagedTokenIds
+
+    kv = torch.zeros(6, 1, 4, 2)  # 6 pages of 4 slots
+    table = torch.tensor([[5, 2, 0], [1, 3, 4]], dtype=torch.int32)
+    ctx = [torch.tensor([10, 11, 3, 12, 13, 10]), torch.tensor([14, 2, 15, 16, 17, 18, 19, 20, 21])]
+    ids = PagedTokenIds()
+    for start, stop in ((0, 4), (4, 9)):  # two chunks, as chunked prefill writes them
+        toks, slots = [], []
+        for r, seq in enumerate(ctx):
+            pos = torch.arange(start, min(stop, len(seq)))
+            toks.append(seq[pos])
+            slots.append(table[r, pos // 4].long() * 4 + pos % 4)
+        toks.append(torch.tensor([99]))
+        slots.append(torch.tensor([-1]))  # a padding row
+        n = sum(len(t) for t in toks)
+        md = HSTUMetadata(num_reqs=2, num_tokens=n, max_seq_len=9, query_start_loc=torch.zeros(3),
+                          seq_lens=torch.tensor([6, 9]), block_table=table, slot_mapping=torch.cat(slots))
+        ids.write(torch.cat(toks), md, kv)
+    logits = torch.zeros(2, 25)
+    logits[:, :10] = float("-inf")  # non-item columns (item_offset = 10), as compute_logits leaves them
+    ids.mask(logits, md, item_offset=10)
+    masked = [set(torch.nonzero(torch.isinf(row)).ravel().tolist()) - set(range(10)) for row in logits]
+    assert masked == [{10, 11, 12, 13}, set(range(14, 22))]
