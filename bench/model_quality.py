@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--results", default=str(REPO / "bench" / "results.jsonl"))
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for batch.train, e.g. epochs=20")
-    a = ap.parse_args()
+    a = ap.parse_intermixed_args()
 
     if a.dataset == "sample":
         args = ["-m", "batch.evaluate"]
