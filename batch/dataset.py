@@ -8,7 +8,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from batch.model import EventArrays, ItemVocab, MTGRConfig, TokenLayout
+from batch.model import ItemVocab, MTGRConfig, TokenLayout
+from batch.sequences import encode_events
 
 DEFAULT_COLUMNS = {"user_id": "user_id", "item_id": "video_id", "timestamp": "timestamp",
                    "watch_duration": "watch_duration", "watch_percentage": "watch_percentage",
@@ -61,27 +62,12 @@ def build_item_vocab(seqs: UserSequences, layout: TokenLayout) -> ItemVocab:
 def encode(seqs: UserSequences, vocab: ItemVocab, layout: TokenLayout,
            max_seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Token sequences ``(tokens, offsets)`` of every user, keeping each user's last events that fit."""
-    cfg = layout.config
-    keep = layout.max_events(max_seq_len or cfg.max_seq_len)
+    keep = layout.max_events(max_seq_len or layout.config.max_seq_len)
     f = seqs.frame
     lists = [c for c, t in f.schema.items() if isinstance(t, pl.List)]
-    f = f.with_columns(pl.col(c).list.tail(keep) for c in lists)
-    lengths = f["item_id"].list.len().to_numpy()
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum(lengths)
-    flat = f.select(lists).explode(lists)
-    events = EventArrays(
-        item_tokens=vocab.lookup(flat["item_id"].to_arrow()),
-        flags=np.stack([flat[c].fill_null(False).to_numpy() for c in cfg.action_flags], axis=1)
-        if cfg.action_flags else np.zeros((flat.height, 0), dtype=bool),
-        watch_percentage=flat["watch_percentage"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
-        watch_duration=flat["watch_duration"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
-        timestamp=flat["timestamp"].to_numpy(),
-        offsets=offsets,
-    )
-    profile = (f.select(p.name for p in cfg.profile_features).fill_null(-1).to_numpy()
-               if cfg.profile_features else None)
-    return layout.encode(events, profile)
+    f = f.with_columns(pl.col(c).list.tail(keep) for c in lists).with_columns(n=pl.col("item_id").list.len())
+    tokens, offsets, _ = encode_events(f.select(lists).explode(lists), f, vocab, layout)
+    return tokens, offsets
 
 
 def item_index(vocab: ItemVocab, raw_ids: pa.Array | pl.Series) -> np.ndarray:

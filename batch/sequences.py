@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from batch.engines.base import UserBatch
 from batch.errors import ConfigError
 from batch.events import DROP_REASON, OUT_OF_WINDOW, EventSchema
-from batch.model import Checkpoint, EventArrays
+from batch.model import Checkpoint, EventArrays, ItemVocab, TokenLayout
 
 _M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64 finaliser constants
 _STRING_BASE = 0x100000001B3  # FNV-1 64-bit prime, used as polynomial base
@@ -140,19 +140,28 @@ class SequenceBuilder:
 
     def encode(self, events: pl.DataFrame, per_user: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, int]:
         """Flat, user-sorted events -> (tokens, token offsets, number of OOV items)."""
-        ev_offsets = np.zeros(per_user.height + 1, dtype=np.int64)
-        ev_offsets[1:] = np.cumsum(per_user["n"].to_numpy())
-        item_tokens = self.checkpoint.items.lookup(events["item_id"].to_arrow())
-        flags = np.stack([events[f].fill_null(False).to_numpy() for f in self.schema.flags], axis=1) \
-            if self.schema.flags else np.zeros((events.height, 0), dtype=bool)
-        arrays = EventArrays(
-            item_tokens=item_tokens,
-            flags=flags,
-            watch_percentage=events["watch_percentage"].fill_null(np.nan).to_numpy(),
-            watch_duration=events["watch_duration"].fill_null(np.nan).to_numpy(),
-            timestamp=events["timestamp"].to_numpy(),
-            offsets=ev_offsets,
-        )
-        profile = per_user.select(self.schema.profile).fill_null(-1).to_numpy() if self.schema.profile else None
-        tokens, offsets = self.layout.encode(arrays, profile)
-        return tokens, offsets, int((item_tokens < self.layout.item_offset).sum())
+        return encode_events(events, per_user, self.checkpoint.items, self.layout)
+
+
+def encode_events(events: pl.DataFrame, per_user: pl.DataFrame, items: ItemVocab,
+                  layout: TokenLayout) -> tuple[np.ndarray, np.ndarray, int]:
+    """Token sequences of users whose events are flat and in time order, ``per_user["n"]`` events per user
+    (profile values in ``per_user`` too): ``(tokens, token offsets, number of OOV items)``. Shared with training."""
+    cfg = layout.config
+    ev_offsets = np.zeros(per_user.height + 1, dtype=np.int64)
+    ev_offsets[1:] = np.cumsum(per_user["n"].to_numpy())
+    item_tokens = items.lookup(events["item_id"].to_arrow())
+    flags = np.stack([events[f].fill_null(False).to_numpy() for f in cfg.action_flags], axis=1) \
+        if cfg.action_flags else np.zeros((events.height, 0), dtype=bool)
+    arrays = EventArrays(
+        item_tokens=item_tokens,
+        flags=flags,
+        watch_percentage=events["watch_percentage"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
+        watch_duration=events["watch_duration"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
+        timestamp=events["timestamp"].to_numpy(),
+        offsets=ev_offsets,
+    )
+    names = [p.name for p in cfg.profile_features]
+    profile = per_user.select(names).fill_null(-1).to_numpy() if names else None
+    tokens, offsets = layout.encode(arrays, profile)
+    return tokens, offsets, int((item_tokens < layout.item_offset).sum())
