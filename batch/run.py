@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -76,8 +77,15 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
     return cfg
 
 
+def exit_on_sigterm(signum: int, frame: Any) -> None:
+    """Schedulers stop jobs with SIGTERM: unwind like an error, so the writer drops its staged file at once."""
+    log.error("stopped by signal %d; nothing was published, the previous output is intact", signum)
+    raise SystemExit(128 + signum)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> None:
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         manifest = run_job(absolute_paths(to_job_config(raw)))
     except BatchError as e:

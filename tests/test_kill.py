@@ -93,11 +93,15 @@ def test_killed_job_leaves_previous_output_and_rerun_publishes_all(tmp_path: Pat
     reference = pl.read_parquet(part).sort("user_id", "rank")
     assert reference["user_id"].n_unique() == json.loads(first_manifest)["users"]["scored"] > 0
 
+    staged = lambda: sorted((tmp_path / ".recs.staging").glob("*/**/*.parquet"))  # noqa: E731
     for sig in (signal.SIGKILL, signal.SIGTERM):
+        before = staged()
         proc = start(job_args(ckpt, out, "data.num_shards=24", "output.top_k=7"), env=job_env(logs))
         log = kill_after(proc, " done (", 4, sig)  # ProgressLog's line after the 4th of 24 shards
         assert proc.returncode in (-sig, 128 + sig), log[-3000:]  # died by the signal (or a handler's exit)
         assert visible_files(root) == ["dt=2026-11-27/part-0.parquet"]
+        # SIGKILL leaves its staged file for the next publish to clear; SIGTERM unwinds and removes it at once
+        assert len(staged()) == len(before) + (sig == signal.SIGKILL), log[-3000:]
         assert part.read_bytes() == first and manifest.read_text() == first_manifest
 
     run_job(ckpt, logs, out, "data.num_shards=24")
