@@ -59,9 +59,9 @@ def main() -> None:
                 f"out={scratch}/checkpoint", f"model_version=ml100k-{a.preset}", f"hydra.run.dir={scratch}/logs",
                 *a.overrides]
         config = f"MovieLens-100k, preset {a.preset}" + (f", {' '.join(a.overrides)}" if a.overrides else "")
-    result = run_json(args)
     commit = subprocess.run(["git", "rev-parse", "--short=8", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
+                            text=True).stdout.strip()  # the code that runs, not what HEAD is when it ends
+    result = run_json(args)
     command = "python bench/model_quality.py " + " ".join(sys.argv[1:])
     rows = [dict(bench="model_quality", config=f"{config}; {result['users']} users", metric=f"{who}.{metric}",
                  value=value, unit="fraction", device=device(), commit=commit, command=command,
