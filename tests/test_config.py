@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from batch.config import (ENGINE_SCHEMAS, Compression, EngineName, JobConfig, OutputFormat, TorchEngineConfig,
+from batch.config import (Compression, EngineName, JobConfig, OutputFormat, TorchEngineConfig,
                           to_job_config, window)
 from batch.engines import build_engine
 from batch.errors import ConfigError
@@ -125,12 +125,12 @@ def test_missing_mandatory_value_is_a_config_error():
         job("model=mtgr_small")  # presets other than tiny leave checkpoint as ???
 
 
-def test_engine_vllm_fails_clearly_until_it_exists():
-    if "vllm" in ENGINE_SCHEMAS:
-        pytest.skip("the vLLM engine is installed")
-    assert "vllm" in compose_error("engine=vllm")  # no conf/engine/vllm.yaml yet: Hydra lists the options
-    cfg = job("engine.name=vllm")
-    with pytest.raises(ConfigError, match="engine=vllm"):
+def test_engine_vllm_without_vllm_installed_fails_clearly(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if vLLM were not installed: `import vllm` fails
+    for name in [m for m in sys.modules if m.startswith("batch.engines.vllm")]:
+        monkeypatch.delitem(sys.modules, name)
+    cfg = job("engine=vllm")
+    with pytest.raises(ConfigError, match="engine=vllm needs vLLM .*use engine=torch"):
         build_engine(cfg.engine, checkpoint=None)
 
 

@@ -20,9 +20,7 @@ def build_engine(cfg: EngineConfig, checkpoint: Checkpoint) -> Engine:
         try:
             from batch.engines.vllm.engine import VllmEngine
         except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("batch.engines.vllm"):
-                raise ConfigError("engine=vllm is not available in this build (batch/engines/vllm/ is "
-                                  "missing); use engine=torch") from None
-            raise ConfigError(f"engine=vllm needs the optional vLLM dependency: {e}") from None
+            raise ConfigError(f"engine=vllm needs vLLM ({e}): install the cpu or gpu extra "
+                              "(see README), or use engine=torch") from None
         return VllmEngine(cfg, checkpoint)
     raise ConfigError(f"engine.name={cfg.name!r} is invalid: expected one of {[n.value for n in EngineName]}")
