@@ -8,13 +8,11 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from batch.config import DEFAULT_COLUMNS as JOB_COLUMNS
 from batch.model import ItemVocab, MTGRConfig, TokenLayout
 from batch.sequences import encode_events
 
-DEFAULT_COLUMNS = {"user_id": "user_id", "item_id": "video_id", "timestamp": "timestamp",
-                   "watch_duration": "watch_duration", "watch_percentage": "watch_percentage",
-                   "is_liked": "is_liked", "is_favorited": "is_favorited", "is_shared": "is_shared",
-                   "category": "category"}
+DEFAULT_COLUMNS = {**JOB_COLUMNS, "category": "category"}  # the job's mapping + the item attribute
 
 
 @dataclass
