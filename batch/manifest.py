@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import importlib.metadata
 import platform
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,20 +24,27 @@ _PUBLIC_STORAGE_KEYS = ("endpoint", "region", "allow_http", "anon", "skip_signat
 
 
 class RunStats:
-    """Counters (rows, users, events) and seconds per stage, summed over shards."""
+    """Counters (rows, users, events), seconds per stage summed over shards, and each stage's span in wall-clock
+    time (first start, last end; Unix seconds). Thread-safe: the job's stages run in several threads."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self.seconds: Counter[str] = Counter()
+        self.spans: dict[str, list[float]] = {}
         self.rows_dropped: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
+        t0, wall0 = time.perf_counter(), time.time()
         try:
             yield
         finally:
-            self.seconds[name] += time.perf_counter() - t0
+            seconds, wall1 = time.perf_counter() - t0, time.time()
+            with self._lock:
+                self.seconds[name] += seconds
+                span = self.spans.setdefault(name, [wall0, wall1])
+                span[0], span[1] = min(span[0], wall0), max(span[1], wall1)
 
     def add_rows(self, row_counts: dict[str, Any]) -> None:
         """Counts from :func:`batch.events.count_rows`."""
@@ -44,9 +52,10 @@ class RunStats:
         self.counts.update({k: v for k, v in row_counts.items() if isinstance(v, int)})
 
     def add_shard(self, seqs: ShardSequences, rows_out: int) -> None:
-        self.counts.update(users_in=seqs.users_in, users_scored=len(seqs.batch), users_skipped=seqs.users_skipped,
+        with self._lock:
+            self.counts.update(users_in=seqs.users_in, users_scored=len(seqs.batch), users_skipped=seqs.users_skipped,
                            events_used=seqs.events_used, events_truncated=seqs.events_in - seqs.events_used,
-                           events_oov=seqs.events_oov, rows_out=rows_out, shards=1)
+                               events_oov=seqs.events_oov, rows_out=rows_out, shards=1)
 
 
 def build_manifest(cfg: JobConfig, ckpt: Checkpoint, source: EventSource, stats: RunStats) -> dict[str, Any]:
@@ -67,7 +76,10 @@ def build_manifest(cfg: JobConfig, ckpt: Checkpoint, source: EventSource, stats:
                    "oov_items": c["events_oov"]},
         "output": {"rows": c["rows_out"], "top_k": cfg.output.top_k, "format": cfg.output.format.value,
                    "shards": c["shards"]},
+        # Seconds per stage, summed over shards; stages overlap (see batch.run), so they add up to more than the
+        # wall time. "wait_for_data" is how long the engine sat idle waiting for the reader.
         "timings_seconds": {k: round(v, 3) for k, v in stats.seconds.items()},
+        "timeline": {k: {"start": round(a, 3), "end": round(b, 3)} for k, (a, b) in stats.spans.items()},
         "config": resolved_config(cfg),
         "versions": package_versions(),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -1,6 +1,6 @@
 """The nightly batch job: ``python -m batch.run [key=value ...]`` (see ``--help``).
 
-read (Polars, lazy) -> per-shard user sequences -> engine top-K -> Parquet, one shard in memory at a time.
+read (Polars, lazy) -> per-shard user sequences -> engine top-K -> Parquet, shard by shard, the stages overlapped.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
 
 import hydra
 from hydra.utils import to_absolute_path
@@ -18,20 +19,25 @@ from omegaconf import DictConfig
 
 from batch.config import JobConfig, to_job_config, window
 from batch.engines import build_engine
-from batch.engines.base import recommendations_table
+from batch.engines.base import TopK, recommendations_table
 from batch.errors import BatchError, InputError
 from batch.events import EventSchema, count_rows, scan_events
 from batch.manifest import RunStats, build_manifest
 from batch.output import OutputWriter
 from batch.preset import open_checkpoint
 from batch.progress import ProgressLog
-from batch.sequences import SequenceBuilder
+from batch.sequences import SequenceBuilder, ShardSequences
 
 log = logging.getLogger("batch.run")
 
 
 def run_job(cfg: JobConfig) -> dict[str, Any]:
-    """Score every user in the run window and publish the recommendations; returns the manifest."""
+    """Score every user in the run window and publish the recommendations; returns the manifest.
+
+    Shards flow through three stages at once: while the engine scores shard i, a reader thread builds shard i+1
+    and a writer thread writes shard i-1, so the device does not wait on Polars or Parquet (at most three shards'
+    sequences are in memory). Shards are still written in order, so the output does not depend on the overlap.
+    """
     stats = RunStats()
     with stats.stage("load_checkpoint"):
         ckpt = open_checkpoint(cfg.model)
@@ -46,26 +52,61 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     builder = SequenceBuilder(ckpt, schema, cfg.data.max_seq_len)
     engine = build_engine(cfg.engine, ckpt)
     num_shards = cfg.data.num_shards
+
+    def load(shard: int) -> ShardSequences:  # reader thread
+        with stats.stage("read"):
+            rows = source.collect(builder.shard_frame(source.frame, shard, num_shards))
+        with stats.stage("sequences"):
+            return builder.build(rows)
+
+    def save(shard: int, seqs: ShardSequences, top: TopK, t0: float) -> None:  # writer thread
+        with stats.stage("write"):
+            recs = recommendations_table(seqs.batch.user_ids, top, ckpt.items.item_ids)
+            writer.write_shard(recs)
+        stats.add_shard(seqs, recs.num_rows)
+        progress.shard_done(shard, len(seqs.batch), seqs.events_used, time.perf_counter() - t0)
+
     try:
+        # Exit order matters: the threads finish (or are cancelled) before the writer publishes or aborts.
         with OutputWriter(cfg.output, run_date=cfg.data.run_date, model_version=ckpt.identity,
-                          checkpoint_hash=ckpt.content_hash) as writer, ProgressLog(num_shards) as progress:
+                          checkpoint_hash=ckpt.content_hash) as writer, ProgressLog(num_shards) as progress, \
+                Pipeline() as pipe:
+            next_shard = pipe.read(load, 0)
+            written = None
             for shard in range(num_shards):
                 t0 = time.perf_counter()
-                with stats.stage("read"):
-                    rows = source.collect(builder.shard_frame(source.frame, shard, num_shards))
-                with stats.stage("sequences"):
-                    seqs = builder.build(rows)
-                    del rows  # keep at most one shard's rows in memory
+                with stats.stage("wait_for_data"):
+                    seqs = next_shard.result()
+                if shard + 1 < num_shards:
+                    next_shard = pipe.read(load, shard + 1)
                 with stats.stage("score"):
                     top = engine.score(seqs.batch, cfg.output.top_k, cfg.output.exclude_seen)
-                with stats.stage("write"):
-                    recs = recommendations_table(seqs.batch.user_ids, top, ckpt.items.item_ids)
-                    writer.write_shard(recs)
-                stats.add_shard(seqs, recs.num_rows)
-                progress.shard_done(shard, len(seqs.batch), seqs.events_used, time.perf_counter() - t0)
+                if written is not None:
+                    written.result()  # one shard in the writer at a time, and its errors surface here
+                written = pipe.write(save, shard, seqs, top, t0)
+            written.result()
             return writer.publish(build_manifest(cfg, ckpt, source, stats))
     finally:
         engine.close()
+
+
+class Pipeline:
+    """One reader and one writer thread; on an error, work not yet started is cancelled before unwinding."""
+
+    def __enter__(self) -> "Pipeline":
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="mtgr-read")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="mtgr-write")
+        return self
+
+    def read(self, fn: Callable[..., Any], *args: Any) -> Future:
+        return self._reader.submit(fn, *args)
+
+    def write(self, fn: Callable[..., Any], *args: Any) -> Future:
+        return self._writer.submit(fn, *args)
+
+    def __exit__(self, exc_type, *exc) -> None:
+        for pool in (self._reader, self._writer):
+            pool.shutdown(wait=True, cancel_futures=exc_type is not None)
 
 
 def absolute_paths(cfg: JobConfig) -> JobConfig:

@@ -88,6 +88,40 @@ def test_shard_count_and_token_budget_do_not_change_results(tmp_path, events_dir
     assert_same_recs(runs["one"], runs["more_shards_than_users"])  # empty shards are fine
 
 
+def test_a_failing_shard_stops_the_overlapped_pipeline_and_publishes_nothing(tmp_path, events_dir, tiny_checkpoint,
+                                                                           monkeypatch):
+    from batch.engines.torch_engine import TorchEngine
+
+    out = tmp_path / "recs"
+    run_job(config(events_dir, tiny_checkpoint, out, "data.num_shards=2"))
+    before = published(out)
+    scored, real_score = [], TorchEngine.score
+
+    def score_then_fail(self, batch, top_k, exclude_seen):
+        scored.append(len(batch))
+        if len(scored) == 3:
+            raise RuntimeError("device lost")
+        return real_score(self, batch, top_k, exclude_seen)
+
+    monkeypatch.setattr(TorchEngine, "score", score_then_fail)
+    with pytest.raises(RuntimeError, match="device lost"):
+        run_job(config(events_dir, tiny_checkpoint, out, "data.num_shards=5", "output.top_k=3"))
+    assert len(scored) == 3  # shards after the failing one are never scored
+    assert_same_recs(published(out), before)  # the previous output is intact
+    assert sorted(p.name for p in (out / PARTITION).iterdir()) == ["part-0.parquet"]  # no staged leftovers
+
+
+def test_manifest_times_each_stage_and_its_span(tmp_path, events_dir, tiny_checkpoint):
+    out = tmp_path / "recs"
+    run_job(config(events_dir, tiny_checkpoint, out, "data.num_shards=3"))
+    m = manifest(out)
+    spans = m["timeline"]
+    assert {"read", "sequences", "wait_for_data", "score", "write"} <= set(spans) <= set(m["timings_seconds"])
+    assert all(s["start"] <= s["end"] for s in spans.values())
+    assert spans["read"]["start"] <= spans["score"]["start"] <= spans["write"]["start"]
+    assert spans["score"]["end"] <= spans["write"]["end"]
+
+
 def test_string_user_ids_and_nested_output(tmp_path, events_frame, events_dir, tiny_checkpoint):
     strings = write_hive(events_frame.with_columns(pl.format("u{}", "user_id").alias("user_id")), tmp_path / "ev")
     run_job(config(strings, tiny_checkpoint, tmp_path / "s", "data.num_shards=3", "output.format=nested"))
