@@ -1,4 +1,97 @@
-"""HSTU attention kernels (Triton on CUDA, PyTorch reference elsewhere). Imports nothing from batch/."""
+"""HSTU attention and Group-LayerNorm kernels (Triton on CUDA, PyTorch reference elsewhere). Imports nothing from
+batch/, and Triton only when a Triton kernel runs."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import reference
 from .hstu_attention import hstu_attention, hstu_attention_paged, write_kv_cache
 
-__all__ = ["hstu_attention", "hstu_attention_paged", "write_kv_cache"]
+__all__ = ["group_layer_norm", "hstu_attention", "hstu_attention_paged", "write_kv_cache"]
+
+_GLN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _gln_fail(msg: str):
+    raise ValueError(f"group_layer_norm: {msg}")
+
+
+def _gln_module():
+    """kernels.group_norm as sys.modules has it now (the tests swap in an interpreted copy), or None without
+    Triton."""
+    try:
+        return importlib.import_module(__name__ + ".group_norm")
+    except ImportError:
+        return None
+
+
+def _gln_check(x, groups, weight, bias, gate, backend: str) -> None:
+    if backend not in ("auto", "triton", "torch"):
+        _gln_fail(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if x.dim() != 2 or not x.dtype.is_floating_point:
+        _gln_fail(f"x must be a floating (tokens, dim) tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    T, d = x.shape
+    if groups.dim() != 1 or groups.dtype.is_floating_point or groups.dtype == torch.bool or groups.is_complex():
+        _gln_fail(f"groups must be a 1-D integer tensor, got {groups.dtype} of shape {tuple(groups.shape)}")
+    if groups.numel() != T:
+        _gln_fail(f"groups must have one entry per row of x ({T}), got {groups.numel()}")
+    if weight.dim() != 2 or weight.shape[1] != d or weight.shape[0] < 1:
+        _gln_fail(f"weight must be (num_groups, {d}), got {tuple(weight.shape)}")
+    if bias.shape != weight.shape:
+        _gln_fail(f"bias shape {tuple(bias.shape)} != weight shape {tuple(weight.shape)}")
+    if gate is not None and gate.shape != x.shape:
+        _gln_fail(f"gate shape {tuple(gate.shape)} != x shape {tuple(x.shape)}")
+    for name, t in (("groups", groups), ("weight", weight), ("bias", bias), ("gate", gate)):
+        if t is not None and t.device != x.device:
+            _gln_fail(f"{name} is on {t.device}, x on {x.device}")
+    for name, t in (("weight", weight), ("bias", bias), ("gate", gate)):
+        if t is not None and not t.dtype.is_floating_point:
+            _gln_fail(f"{name} must be floating, got {t.dtype}")
+    if not x.is_cuda and T:  # on the GPU this would cost a sync; there an out-of-range id is the caller's bug
+        lo, hi = int(groups.min()), int(groups.max())
+        if lo < 0 or hi >= weight.shape[0]:
+            _gln_fail(f"group ids must lie in [0, {weight.shape[0]}), got [{lo}, {hi}]")
+
+
+def _gln_triton_unsupported(x, weight, bias, gate, max_d: int) -> str | None:
+    """Why the Triton kernel can't take these inputs, or None."""
+    dtypes = {t.dtype for t in (x, weight, bias, gate) if t is not None}
+    if x.dtype not in _GLN_DTYPES or len(dtypes) > 1:
+        return (f"the Triton kernel needs x, weight, bias (and gate) all fp16, bf16 or fp32 alike; got "
+                f"{', '.join(sorted(str(t)[6:] for t in dtypes))}")
+    if x.shape[1] > max_d:
+        return f"the Triton kernel takes dim <= {max_d}, got {x.shape[1]}"
+    return None
+
+
+def group_layer_norm(x: torch.Tensor, groups: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                     eps: float = 1e-5, gate: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+    """Group-LayerNorm: (layer_norm(x) * weight[groups] + bias[groups]) * gate (gate optional).
+
+    x (T, d) floating; groups (T,) int32/int64 ids in [0, num_groups); weight, bias (num_groups, d); gate None or
+    (T, d), e.g. a column slice of a wider tensor. backend "auto" runs the fused Triton kernel (one memory pass,
+    statistics in float32, result in x.dtype) for CUDA inputs when no autograd is needed and x, weight, bias and gate
+    share an fp16/bf16/fp32 dtype, and the PyTorch reference otherwise (differentiable; dtype promotion as PyTorch
+    does it); "triton" / "torch" force one and "triton" raises if it can't run.
+    """
+    _gln_check(x, groups, weight, bias, gate, backend)
+    if backend == "torch":
+        return reference.group_layer_norm_torch(x, groups, weight, bias, eps, gate)
+    tensors = (x, weight, bias, gate)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    gn = _gln_module() if backend == "triton" or x.is_cuda else None
+    if backend == "triton":
+        if gn is None:
+            _gln_fail("backend='triton' needs Triton, which is not installed")
+        if not x.is_cuda and not gn.INTERPRET:
+            _gln_fail("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
+        if needs_grad:
+            _gln_fail("the Triton kernel is forward only; use backend='torch' for autograd")
+        why = _gln_triton_unsupported(x, weight, bias, gate, gn.MAX_D)
+        if why:
+            _gln_fail(why)
+    elif gn is None or needs_grad or _gln_triton_unsupported(x, weight, bias, gate, gn.MAX_D):
+        return reference.group_layer_norm_torch(x, groups, weight, bias, eps, gate)
+    return gn.group_layer_norm_triton(x, groups, weight, bias, eps, gate)

@@ -1,4 +1,4 @@
-"""PyTorch references for HSTU attention.
+"""PyTorch references for HSTU attention (and, at the end, Group-LayerNorm).
 
 Two kinds of reference live here:
 - ``*_naive``: a plain loop over users, written to be obviously right. Test oracle (call it with float64 inputs).
@@ -228,3 +228,14 @@ def write_kv_cache_torch(k, v, kv_cache, slot_mapping) -> None:
     blk, off = slot // bs, slot % bs
     kv_cache[blk, :, off, :D] = k.to(kv_cache.dtype)
     kv_cache[blk, :, off, D:] = v.to(kv_cache.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Group-LayerNorm: LayerNorm with per-group affine parameters, optionally times a gate.
+
+
+def group_layer_norm_torch(x, groups, weight, bias, eps=1e-5, gate=None) -> torch.Tensor:
+    """(F.layer_norm(x) * weight[groups] + bias[groups]) * gate, op for op as the unfused model computed it (the
+    training path: its results, and so checkpoints, must not move by a bit)."""
+    y = F.layer_norm(x, x.shape[-1:], eps=eps) * weight[groups] + bias[groups]
+    return y if gate is None else y * gate

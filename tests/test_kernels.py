@@ -104,7 +104,9 @@ def test_empty_sequences_and_float32():
     assert out.dtype == torch.float32 and _rel(out, want) < 1e-6
 
 
-def test_argument_errors():
+def test_argument_errors(monkeypatch):
+    from kernels import triton_jagged
+    monkeypatch.setattr(triton_jagged, "INTERPRET", False)  # as without TRITON_INTERPRET=1 in the environment
     q = torch.randn(4, 2, 16)
     off = torch.tensor([0, 4])
     with pytest.raises(ValueError, match="shape"):
@@ -181,20 +183,17 @@ def test_write_kv_cache_skips_padding():
 # Triton kernels in the CPU interpreter
 
 
-@pytest.fixture(scope="module")
-def interp():
-    """Private interpreted copies of kernels.triton_jagged / triton_paged. TRITON_INTERPRET=1 is set only while
-    these tests run (Triton reads it at decoration and again while interpreting) and restored afterwards, and the
-    copies are kept out of sys.modules, so no other test module sees either."""
-    names = ("kernels.triton_jagged", "kernels.triton_paged")
+def _interpreted(*names):
+    """Private interpreted copies of the named kernel modules. TRITON_INTERPRET=1 is set only while the tests using
+    them run (Triton reads it at decoration and again while interpreting) and restored afterwards, and the copies are
+    taken out of sys.modules again, so no other test module sees them."""
     saved_env = os.environ.get("TRITON_INTERPRET")
     saved_mods = {n: sys.modules.pop(n, None) for n in names}
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        jag = importlib.import_module(names[0])
-        pag = importlib.import_module(names[1])
-        assert jag.INTERPRET
-        yield jag, pag
+        mods = [importlib.import_module(n) for n in names]
+        assert all(getattr(m, "INTERPRET", True) for m in mods)  # triton_paged goes by triton_jagged's flag
+        yield mods
     finally:
         if saved_env is None:
             os.environ.pop("TRITON_INTERPRET", None)
@@ -204,6 +203,12 @@ def interp():
             sys.modules.pop(n, None)
             if saved_mods[n] is not None:
                 sys.modules[n] = saved_mods[n]
+
+
+@pytest.fixture(scope="module")
+def interp():
+    """Interpreted kernels.triton_jagged and kernels.triton_paged."""
+    yield from _interpreted("kernels.triton_jagged", "kernels.triton_paged")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
@@ -259,3 +264,98 @@ def test_triton_write_kv_cache_interpreter(interp):
     ref.write_kv_cache_torch(k, v, cache_a, slots)
     pag.write_kv_cache_triton(k, v, cache_b, slots)
     assert torch.equal(cache_a, cache_b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Group-LayerNorm
+
+
+def _gln_case(T, d, dtype, gen, G=3, gids=torch.int64, row_pad=0, gate=True):
+    """x with a row stride of d + row_pad, groups, weight, bias and a gate that is a column slice of (T, 4d)."""
+    wide = torch.randn(T, d + row_pad, generator=gen, dtype=torch.float64)
+    x = (3.0 * wide + 0.5).to(dtype)[:, :d]
+    groups = torch.randint(0, G, (T,), generator=gen).to(gids)
+    weight = (1.0 + 0.5 * torch.randn(G, d, generator=gen, dtype=torch.float64)).to(dtype)
+    bias = (0.5 * torch.randn(G, d, generator=gen, dtype=torch.float64)).to(dtype)
+    u = torch.randn(T, 4 * d, generator=gen, dtype=torch.float64).to(dtype)[:, d:2 * d] if gate else None
+    return x, groups, weight, bias, u
+
+
+def _gln_want(x, groups, weight, bias, u, eps=1e-5):
+    """float64 reference of the same inputs."""
+    return ref.group_layer_norm_torch(x.double(), groups.long(), weight.double(), bias.double(), eps,
+                                      None if u is None else u.double())
+
+
+def test_group_layer_norm_torch_is_the_model_formula():
+    """The CPU / autograd path computes, bit for bit, what GroupLayerNorm and HSTULayer computed before the fused
+    kernel (training checkpoints depend on it), and gradients flow through it."""
+    gen = torch.Generator().manual_seed(20)
+    x, groups, weight, bias, u = _gln_case(11, 24, torch.float32, gen, row_pad=8)
+    weight.requires_grad_()
+    old = (torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-6) * weight[groups] + bias[groups]) * u
+    new = kernels.group_layer_norm(x, groups, weight, bias, 1e-6, gate=u)
+    assert torch.equal(new, old)
+    assert torch.equal(kernels.group_layer_norm(x, groups, weight, bias, 1e-6),
+                       torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-6) * weight[groups] + bias[groups])
+    new.sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def interp_gln():
+    """Interpreted kernels.group_norm (the dispatch picks it up from sys.modules while these tests run)."""
+    yield from _interpreted("kernels.group_norm")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("d", [16, 24, 100])  # power of two and not
+@pytest.mark.parametrize("gate", [False, True])
+def test_triton_group_layer_norm_interpreter(interp_gln, dtype, tol, d, gate):
+    (gn,) = interp_gln
+    gen = torch.Generator().manual_seed(21 + d)
+    for gids, row_pad in ((torch.int64, 0), (torch.int32, 5)):  # contiguous x; x with a row stride of d + 5
+        x, groups, weight, bias, u = _gln_case(13, d, dtype, gen, gids=gids, row_pad=row_pad, gate=gate)
+        got = gn.group_layer_norm_triton(x, groups, weight, bias, 1e-5, u)
+        assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
+        assert _rel(got, _gln_want(x, groups, weight, bias, u)) < tol, (gids, row_pad)
+
+
+def test_triton_group_layer_norm_dispatch_wide_and_empty(interp_gln):
+    """backend='triton' through the public function; d = 1000 (BLOCK_D 1024) and 1024; no rows."""
+    gen = torch.Generator().manual_seed(22)
+    for d in (1000, 1024):
+        x, groups, weight, bias, u = _gln_case(5, d, torch.float32, gen, gids=torch.int32, row_pad=3)
+        got = kernels.group_layer_norm(x, groups, weight, bias, 1e-5, gate=u, backend="triton")
+        assert _rel(got, _gln_want(x, groups, weight, bias, u)) < 1e-5
+    x, groups, weight, bias, u = _gln_case(0, 8, torch.bfloat16, gen)
+    got = kernels.group_layer_norm(x, groups, weight, bias, gate=u, backend="triton")
+    assert got.shape == (0, 8) and got.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="autograd"):
+        kernels.group_layer_norm(x, groups, weight.requires_grad_(), bias, backend="triton")
+    with pytest.raises(ValueError, match="alike"):
+        kernels.group_layer_norm(x, groups, weight.detach().float(), bias, backend="triton")
+
+
+def test_group_layer_norm_argument_errors(monkeypatch):
+    gn = importlib.import_module("kernels.group_norm")
+    monkeypatch.setattr(gn, "INTERPRET", False)  # as without TRITON_INTERPRET=1 in the environment
+    x, groups, weight, bias, u = _gln_case(6, 8, torch.float32, torch.Generator().manual_seed(23))
+    gln = kernels.group_layer_norm
+    cases = [
+        ("backend", dict(backend="cuda")),
+        ("x must be", dict(x=x[0])),
+        ("groups must be a 1-D integer", dict(groups=groups.float())),
+        ("groups must have one entry per row", dict(groups=groups[:4])),
+        ("weight must be", dict(weight=weight[:, :4])),
+        ("bias shape", dict(bias=bias[:2])),
+        ("gate shape", dict(gate=u[:, :4])),
+        ("gate must be floating", dict(gate=torch.ones(6, 8, dtype=torch.int64))),
+        (r"group ids must lie in \[0, 3\)", dict(groups=torch.tensor([0, 1, 2, 3, 0, 0]))),
+        ("CUDA", dict(backend="triton")),
+    ]
+    for match, kw in cases:
+        args = dict(x=x, groups=groups, weight=weight, bias=bias, gate=u)
+        args.update(kw)
+        with pytest.raises(ValueError, match=match):
+            gln(args.pop("x"), args.pop("groups"), args.pop("weight"), args.pop("bias"), **args)
