@@ -4,8 +4,9 @@ Follows MTGR (arXiv 2505.18654) and HSTU (arXiv 2402.17152). Each layer:
     h = GroupLN(x);  u, v, q, k = silu(W h)
     a = sum_j silu(alpha * q.k_j + rab(i - j)) / n_i * v_j      (causal; n_i = keys row i sees)
     x = x + W_o(GroupLN(a) * u)
-The attention itself is one function of ``kernels`` (Triton on CUDA, PyTorch elsewhere); the vLLM engine reuses
-these modules and passes its paged attention instead of the jagged one.
+The attention and Group-LayerNorm (the second one fused with the gate u) are functions of ``kernels`` (Triton on
+CUDA, PyTorch elsewhere); the vLLM engine reuses these modules and passes its paged attention instead of the jagged
+one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import hstu_attention
+from kernels import group_layer_norm, hstu_attention
 
 from .config import MTGRConfig
 from .tokens import GROUP_ACTION, GROUP_ITEM, GROUP_PROFILE, NUM_GROUPS, TokenLayout
@@ -35,9 +36,10 @@ class GroupLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_groups, dim))
         self.bias = nn.Parameter(torch.zeros(num_groups, dim))
 
-    def forward(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x, x.shape[-1:], eps=self.eps)
-        return y * self.weight[groups] + self.bias[groups]
+    def forward(self, x: torch.Tensor, groups: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """(LN(x) * weight[groups] + bias[groups]) * gate (gate optional): one fused Triton pass on CUDA without
+        autograd, the plain PyTorch ops otherwise (see kernels.group_layer_norm)."""
+        return group_layer_norm(x, groups, self.weight, self.bias, self.eps, gate=gate)
 
 
 def relative_buckets(max_distance: int, num_buckets: int) -> torch.Tensor:
@@ -77,7 +79,7 @@ class HSTULayer(nn.Module):
         u, v, q, k = F.silu(self.uvqk(self.norm_in(x, groups))).split(d, dim=-1)
         shape = (t, self.num_heads, self.head_dim)
         a = attend(q.reshape(shape), k.reshape(shape), v.reshape(shape), self.rel_bias_table()).reshape(t, d)
-        y = self.norm_attn(a, groups) * u
+        y = self.norm_attn(a, groups, gate=u)
         return x + self.out(F.dropout(y, self.dropout, self.training))
 
 
