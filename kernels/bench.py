@@ -1,6 +1,7 @@
-"""Check and benchmark the HSTU attention kernels on a CUDA GPU.
+"""Check and benchmark the HSTU attention and Group-LayerNorm kernels on a CUDA GPU.
 
-    python -m kernels.bench [--check] [--sweep] [--out bench/results.jsonl] [--commit HASH]
+    python -m kernels.bench [--check] [--sweep] [--bench-kernels attention,group_norm] [--out bench/results.jsonl]
+                            [--commit HASH]
 
 Per shape: median time (triton.testing.do_bench) and TFLOP/s of the Triton jagged kernel (causal, no bias and with
 a relative-position bias), the padded PyTorch reference and the paged kernel (full prefill through a shuffled
@@ -8,6 +9,11 @@ block table; page size 64, a multiple of the key tile, and 16, vLLM's default, w
 FLOPs = 2 matmuls x 2*H*D*sum(L^2)/2 (causal half). --check compares every kernel with
 an fp64 reference on every shape (bf16 and fp32). --sweep times candidate tile configs. Each number is also written
 as a JSON line to --out.
+
+Group-LayerNorm: the fused kernel against the unfused PyTorch ops (layer_norm, weight[groups], bias[groups], the
+gate multiply) for T=131072 rows, d 512 and 768, bf16, with and without the gate (a column slice of a (T, 4d)
+tensor, as in the model). GB/s counts the bytes the fused kernel must move: x and the gate read once, y written once
+(the per-group weights are a few KiB); the speed-up is unfused time / fused time.
 """
 from __future__ import annotations
 
@@ -21,8 +27,8 @@ import numpy as np
 import torch
 import triton
 
-from . import hstu_attention, hstu_attention_paged, reference, write_kv_cache
-from . import triton_jagged, triton_paged
+from . import group_layer_norm, hstu_attention, hstu_attention_paged, reference, write_kv_cache
+from . import group_norm, triton_jagged, triton_paged
 
 FIXED = [(64, 512, 4, 128), (32, 1024, 4, 128), (16, 2048, 4, 128), (8, 4096, 4, 128), (32, 1024, 2, 256),
          (16, 2048, 2, 256)]
@@ -265,11 +271,105 @@ def sweep(rec, apply: bool = False, kernels=("jagged", "paged")):
         print("using jagged", triton_jagged.CONFIGS, "paged", triton_paged.CONFIGS, flush=True)
 
 
+GLN_ROWS = 131072
+GLN_DIMS = (512, 768)
+GLN_SWEEP = [(1, 4), (2, 4), (4, 4), (4, 8), (8, 4), (8, 8), (16, 8)]  # (BLOCK_M, num_warps)
+
+
+def gln_inputs(T, d, dtype, seed=0):
+    """x (T, d), int64 groups in [0, 3), weight / bias (3, d) and a gate that is a column slice of (T, 4d)."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = (2.0 * torch.randn(T, d, device=DEV, generator=g) + 0.5).to(dtype)
+    groups = torch.randint(0, 3, (T,), device=DEV, generator=g)
+    weight = (1.0 + 0.3 * torch.randn(3, d, device=DEV, generator=g)).to(dtype)
+    bias = (0.3 * torch.randn(3, d, device=DEV, generator=g)).to(dtype)
+    gate = torch.randn(T, 4 * d, device=DEV, generator=g).to(dtype)[:, d:2 * d]
+    return x, groups, weight, bias, gate
+
+
+def gln_bytes(T, d, dtype, gate: bool) -> float:
+    return float(T * d * dtype.itemsize * (3 if gate else 2) + T * 8)
+
+
+def check_group_norm(rec) -> bool:
+    """Fused kernel vs an fp64 reference: bf16 and fp32, d 512 / 768 / 1000, with and without the gate."""
+    ok = True
+    for d in GLN_DIMS + (1000,):
+        x, groups, weight, bias, gate = gln_inputs(8192, d, torch.bfloat16, seed=1)
+        for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+            for u in (None, gate):
+                args = [t.to(dtype) for t in (x, weight, bias)]
+                ud = None if u is None else u.to(dtype)
+                want = reference.group_layer_norm_torch(x.double(), groups, weight.double(), bias.double(), 1e-5,
+                                                        None if u is None else u.double())
+                got = group_layer_norm(args[0], groups, args[1], args[2], 1e-5, gate=ud, backend="triton")
+                err = rel_err(got, want)
+                ok &= err < tol
+                name = f"group_norm T8192 d{d}" + (" gate" if u is not None else "")
+                print(f"{name:34} {'fused':22} {str(dtype)[6:]:6} {err:.2e} {'ok' if err < tol else 'FAIL'}")
+                rec("group_layer_norm_check", dict(T=8192, d=d, dtype=str(dtype)[6:], gate=u is not None),
+                    "rel_err_vs_fp64", err, "ratio")
+    return ok
+
+
+def run_bench_group_norm(rec) -> list[dict]:
+    rows = []
+    for d in GLN_DIMS:
+        x, groups, weight, bias, gate = gln_inputs(GLN_ROWS, d, torch.bfloat16)
+        for u in (None, gate):
+            fns = {"fused": lambda: group_layer_norm(x, groups, weight, bias, gate=u, backend="triton"),
+                   "unfused": lambda: group_layer_norm(x, groups, weight, bias, gate=u, backend="torch")}
+            nbytes = gln_bytes(GLN_ROWS, d, torch.bfloat16, u is not None)
+            row = dict(T=GLN_ROWS, d=d, gate=u is not None)
+            for kern, fn in fns.items():
+                ms = bench_ms(fn)
+                row[kern] = ms
+                cfg = dict(T=GLN_ROWS, d=d, dtype="bf16", gate=u is not None, kernel=kern,
+                           tile=list(group_norm.pick_config(d)) if kern == "fused" else None)
+                rec("group_layer_norm", cfg, "median_ms", ms, "ms")
+                rec("group_layer_norm", cfg, "gbps", nbytes / ms / 1e6, "GB/s")
+            speedup = row["unfused"] / row["fused"]
+            rec("group_layer_norm", dict(T=GLN_ROWS, d=d, dtype="bf16", gate=u is not None), "speedup", speedup,
+                "x")
+            rows.append(row)
+            print(f"group_norm T{GLN_ROWS} d{d} bf16 {'gate   ' if u is not None else 'no gate'} "
+                  f"fused={row['fused']:.3f}ms/{nbytes / row['fused'] / 1e6:.0f}GB/s "
+                  f"unfused={row['unfused']:.3f}ms/{nbytes / row['unfused'] / 1e6:.0f}GB/s "
+                  f"speed-up {speedup:.2f}x", flush=True)
+        del x, groups, weight, bias, gate
+        torch.cuda.empty_cache()
+    return rows
+
+
+def sweep_group_norm(rec, apply: bool = False) -> None:
+    """Time (BLOCK_M, num_warps) candidates of the fused kernel (bf16, with the gate); with apply, use the best per
+    BLOCK_D for the rest of the run."""
+    for d in GLN_DIMS:
+        x, groups, weight, bias, gate = gln_inputs(GLN_ROWS, d, torch.bfloat16)
+        nbytes = gln_bytes(GLN_ROWS, d, torch.bfloat16, True)
+        res = []
+        for cfg in GLN_SWEEP:
+            ms = bench_ms(lambda: group_norm.group_layer_norm_triton(x, groups, weight, bias, 1e-5, gate,
+                                                                     config=cfg))
+            res.append((nbytes / ms / 1e6, cfg))
+            rec("group_layer_norm_sweep", dict(T=GLN_ROWS, d=d, dtype="bf16", gate=True, tile=list(cfg)), "gbps",
+                nbytes / ms / 1e6, "GB/s")
+        res.sort(key=lambda r: -r[0])
+        print(f"sweep group_norm d{d}: " + ", ".join(f"{c}={g:.0f}GB/s" for g, c in res), flush=True)
+        if apply:
+            group_norm.CONFIGS[triton.next_power_of_2(d)] = res[0][1]
+        del x, groups, weight, bias, gate
+    if apply:
+        print("using group_norm", group_norm.CONFIGS, flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="compare every kernel with fp64 on every shape")
     ap.add_argument("--sweep", action="store_true", help="time candidate tile configs and use the best")
-    ap.add_argument("--sweep-kernels", default="jagged,paged", help="which kernels --sweep tunes")
+    ap.add_argument("--sweep-kernels", default="jagged,paged,group_norm", help="which kernels --sweep tunes")
+    ap.add_argument("--bench-kernels", default="attention,group_norm",
+                    help="which kernels --check and the benchmark cover")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--no-torch", action="store_true", help="skip the padded PyTorch reference timings")
     ap.add_argument("--out", default=None, help="append JSON lines here")
@@ -282,17 +382,29 @@ def main(argv=None) -> int:
     flags = [f"--{n.replace('_', '-')}" for n in ("check", "sweep", "no_bench", "no_torch") if getattr(args, n)]
     if args.sweep:
         flags.append(f"--sweep-kernels {args.sweep_kernels}")
+    if args.bench_kernels != ap.get_default("bench_kernels"):
+        flags.append(f"--bench-kernels {args.bench_kernels}")
     command = " ".join(["python -m kernels.bench"] + flags + (["--out", "bench/results.jsonl"] if args.out else []))
     rec = Recorder(args.out, device, args.commit, command)
     print(f"device: {device}; torch {torch.__version__}; triton {triton.__version__}", flush=True)
     ok = True
+    sweep_kernels, bench_kernels = args.sweep_kernels.split(","), args.bench_kernels.split(",")
     if args.sweep:
-        sweep(rec, apply=True, kernels=args.sweep_kernels.split(","))
+        if {"jagged", "paged"} & set(sweep_kernels):
+            sweep(rec, apply=True, kernels=sweep_kernels)
+        if "group_norm" in sweep_kernels:
+            sweep_group_norm(rec, apply=True)
     if args.check:
-        ok = check(rec)
+        if "attention" in bench_kernels:
+            ok &= check(rec)
+        if "group_norm" in bench_kernels:
+            ok &= check_group_norm(rec)
         print("check:", "all ok" if ok else "FAILURES", flush=True)
     if not args.no_bench:
-        run_bench(rec, torch_ref=not args.no_torch)
+        if "attention" in bench_kernels:
+            run_bench(rec, torch_ref=not args.no_torch)
+        if "group_norm" in bench_kernels:
+            run_bench_group_norm(rec)
     return 0 if ok else 1
 
 

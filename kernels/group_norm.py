@@ -20,7 +20,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read when this mod
 # when Triton was first imported, and the tests interpret this module after Triton was imported without the flag.
 
 MAX_D = 8192  # one program holds whole rows in registers
-ELEMS_PER_PROGRAM = 4096  # BLOCK_M * BLOCK_D on the GPU: enough bytes in flight per program for short rows
+# BLOCK_M * BLOCK_D on the GPU, 4 warps. On an H100 (bf16, T=131072, with the gate) `python -m kernels.bench
+# --sweep --sweep-kernels group_norm` put (BLOCK_M, num_warps) = (4, 4) first at d 512 (2.87 TB/s; 8 rows: 2.87,
+# 8 rows / 8 warps: 2.81, 1 row: 2.36) and (2, 4) at d 768 (2.75 TB/s; 1 row: 2.70, 4 rows / 8 warps: 2.63).
+ELEMS_PER_PROGRAM = 2048
+# (BLOCK_M, num_warps) per BLOCK_D where measured better than the rule in pick_config (`python -m kernels.bench
+# --sweep --sweep-kernels group_norm` fills it for the run).
+CONFIGS: dict[int, tuple[int, int]] = {}
 
 
 @triton.jit
@@ -54,15 +60,17 @@ def _group_ln_fwd(X, G, W, B, GATE, Y, T, D, stride_x, stride_gate, stride_y, st
 
 
 def pick_config(D: int, config=None) -> tuple[int, int]:
-    """(BLOCK_M, num_warps): explicit, else a small tile in the interpreter, else about ELEMS_PER_PROGRAM elements
-    per program (8 rows of 512, 4 rows of 768 / 1024) with 8 warps for wide tiles."""
+    """(BLOCK_M, num_warps): explicit, else a small tile in the interpreter, else CONFIGS[BLOCK_D], else about
+    ELEMS_PER_PROGRAM elements per program (4 rows of 512, 2 rows of 768 / 1024) with 4 warps, 8 for rows wider
+    than 2048."""
     if config is not None:
         return tuple(config)
     block_d = triton.next_power_of_2(D)
     if INTERPRET:
         return (4, 1)
-    block_m = max(1, min(16, ELEMS_PER_PROGRAM // block_d))
-    return block_m, (8 if block_m * block_d >= 4096 else 4)
+    if block_d in CONFIGS:
+        return CONFIGS[block_d]
+    return max(1, min(16, ELEMS_PER_PROGRAM // block_d)), (8 if block_d > 2048 else 4)
 
 
 def group_layer_norm_triton(x: torch.Tensor, groups: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
