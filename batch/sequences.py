@@ -110,33 +110,122 @@ class SequenceBuilder:
                             pl.col(DROP_REASON).is_null() | (pl.col(DROP_REASON) != OUT_OF_WINDOW))
 
     def build(self, rows: pl.DataFrame) -> ShardSequences:
-        """Sequences of the users in ``rows`` (a collected shard frame, any row order)."""
-        users_in = rows["user_id"].drop_nulls().n_unique()
-        clean = self.time_order(rows.filter(pl.col(DROP_REASON).is_null()).drop(DROP_REASON))
-        n = self.max_events
-        kept = clean.filter(pl.int_range(pl.len()).reverse().over("user_id") < n)  # the last n events
-        per_user = kept.group_by("user_id", maintain_order=True).agg(
-            pl.len().alias("n"), *(pl.col(p).last() for p in self.schema.profile))
-        tokens, offsets, oov = self.encode(kept, per_user)
-        batch = UserBatch(user_ids=per_user["user_id"].to_arrow(), tokens=tokens, offsets=offsets)
-        return ShardSequences(batch, users_in, users_in - per_user.height, clean.height, kept.height, oov)
+        """Sequences of the users in ``rows`` (a collected shard frame, any row order).
+
+        Works on row numbers: the sort, the last-n cut and the per-user values only move indices, and each column
+        the tokens need is gathered once, for the kept events only (NumPy / Polars kernels, no Python per row).
+        """
+        clean = rows.get_column(DROP_REASON).is_null()
+        clean_rows = None if clean.all() else np.flatnonzero(clean.to_numpy())
+        order, starts, times = self.row_order(rows, clean_rows)  # clean rows in time order, users' first rows
+        ends = np.append(starts[1:], len(order)).astype(np.int64) if len(starts) else starts
+        lo = np.maximum(starts, ends - self.max_events)  # the last n events of each user: order[lo:end]
+        has_events = ends > lo
+        lo, ends = lo[has_events], ends[has_events]
+        counts = ends - lo
+        if len(counts) == len(starts) and (counts == ends - starts).all():
+            kept, kept_times = order, times  # nobody has more than n events
+        else:
+            at = np.repeat(lo - (np.cumsum(counts) - counts), counts)  # kept event k -> position in order
+            at += np.arange(len(at), dtype=np.int64)
+            kept, kept_times = order[at], times[at]
+            del at
+
+        user_ids = _take(rows, "user_id", order[lo])
+        users_in = len(starts)
+        if clean_rows is not None:  # users whose rows are all dirty still count as users in the window
+            dirty_users = rows.get_column("user_id").filter(~clean).drop_nulls()
+            if len(dirty_users):
+                users_in = pl.concat([_take(rows, "user_id", order[starts]), dirty_users]).n_unique()
+
+        item_tokens = self.checkpoint.items.lookup(_gather_arrow(rows, "item_id", kept))
+        last = order[ends - 1]  # the profile comes from each user's last event
+        names = [p.name for p in self.layout.config.profile_features]
+        profile = np.stack([_take(rows, p, last).fill_null(-1).to_numpy() for p in names], axis=1) \
+            if names else None
+        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        tokens, offsets = self.layout.encode_codes(item_tokens, self.side_codes(rows, kept), kept_times, offsets,
+                                                   profile)
+        oov = int((item_tokens < self.layout.item_offset).sum())
+        batch = UserBatch(user_ids=user_ids.to_arrow(), tokens=tokens, offsets=offsets)
+        return ShardSequences(batch, users_in, users_in - len(counts), len(order), len(kept), oov)
+
+    def side_codes(self, rows: pl.DataFrame, kept: np.ndarray) -> np.ndarray:
+        """``TokenLayout.side_codes`` of the rows ``kept`` (flags, watch buckets). When most rows are kept, the
+        codes of all rows are computed in row order and gathered as one array; else the inputs of the kept rows
+        are gathered (four or more arrays, but few rows)."""
+        flags = self.layout.config.action_flags
+        if 2 * len(kept) >= rows.height:
+            def column(name: str, fill, dtype=None) -> np.ndarray:
+                values = rows.get_column(name)
+                values = values.cast(dtype) if dtype is not None and values.dtype != dtype else values
+                return (values.fill_null(fill) if values.null_count() else values).to_numpy()
+
+            all_flags = np.empty((rows.height, len(flags)), dtype=bool)
+            for j, f in enumerate(flags):
+                all_flags[:, j] = column(f, False)
+            codes = self.layout.side_codes(all_flags, column("watch_percentage", np.nan, pl.Float64),
+                                           column("watch_duration", np.nan, pl.Float64))
+            del all_flags
+            if codes.size and self.layout.num_action_tokens < 2**31:
+                codes = codes.astype(np.int32)  # half the bytes to gather
+            return np.take(codes, kept)
+        kept_flags = np.empty((len(kept), len(flags)), dtype=bool)
+        for j, f in enumerate(flags):
+            kept_flags[:, j] = _gather(rows.get_column(f), kept, fill=False)
+        return self.layout.side_codes(
+            kept_flags, _gather(rows.get_column("watch_percentage"), kept, fill=np.nan, dtype=pl.Float64),
+            _gather(rows.get_column("watch_duration"), kept, fill=np.nan, dtype=pl.Float64))
 
     def time_order(self, events: pl.DataFrame) -> pl.DataFrame:
-        """Rows sorted by ``sort_keys``: a full sort on (user, time, item), then only rows that tie on all three
-        are re-sorted by every key (a many-key sort of the whole shard costs ~5x more)."""
-        head = self.sort_keys[:3]
-        events = events.sort(head)
-        same = [pl.all_horizontal(pl.col(k) == pl.col(k).shift(step) for k in head).fill_null(False)
-                for step in (1, -1)]
-        tied = np.flatnonzero(events.select(same[0] | same[1]).to_series().to_numpy())
-        if len(tied) == 0:
-            return events
-        # Tied rows form runs that already sit in (user, time, item) order, so sorting just them by every
-        # key and putting them back into the same positions gives the full sort.
-        sub = events[tied].with_columns(pl.Series("_pos", tied)).sort(self.sort_keys, nulls_last=True)
-        order = np.arange(events.height)
-        order[tied] = sub["_pos"].to_numpy()
-        return events[order]
+        """Rows sorted by ``sort_keys`` (nulls last), like ``events.sort(self.sort_keys, nulls_last=True)``."""
+        return events.select(pl.all().gather(self.row_order(events)[0]))
+
+    def row_order(self, rows: pl.DataFrame, row_ids: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Row numbers ``row_ids`` (default: all; user, timestamp and item must be non-null there) sorted by
+        ``sort_keys``, the positions in that order where each user's rows begin, and the rows' timestamps
+        (int64) in that order.
+
+        One sort on (user, timestamp) packed with the row number into a single uint64 when the values fit (a
+        plain ``np.sort``, several times faster than an argsort or a multi-column sort); then only rows that tie
+        on (user, timestamp) are re-sorted by every key and put back into the same positions.
+        """
+        def keys(name: str) -> tuple[np.ndarray, int, int]:
+            col = rows.get_column(name)
+            if row_ids is None:
+                return _order_key(col)
+            if col.dtype.is_integer():  # NumPy's take is much faster than Polars' gather on a many-chunk column
+                return _order_key(pl.Series(name, _gather(col, row_ids)))
+            return _order_key(_take(rows, name, row_ids))
+
+        user, user_bits, _ = keys("user_id")
+        ts, ts_bits, ts_low = keys("timestamp")
+        perm, user, ts = _sort_pairs(user, user_bits, ts, ts_bits)  # user: ids of the users, not the values
+        ids = perm if row_ids is None else row_ids[perm]
+        new_user = np.empty(len(ids), dtype=bool)
+        new_user[:1] = True
+        np.not_equal(user[1:], user[:-1], out=new_user[1:])
+        del user
+        starts = np.flatnonzero(new_user)
+        same = ~new_user[1:] & (ts[1:] == ts[:-1])  # position i + 1 ties with i on (user, timestamp)
+        if same.any():
+            tied = np.zeros(len(ids), dtype=bool)
+            tied[1:] |= same
+            tied[:-1] |= same
+            at = np.flatnonzero(tied)
+            run = np.cumsum(~np.append(False, same))[at]  # tied runs, numbered in (user, timestamp) order
+            sub = rows.select(pl.col(self.sort_keys[2:]).gather(ids[at])).with_columns(  # fast on many chunks
+                pl.Series("_run", run), pl.Series("_row", ids[at]))
+            ids[at] = sub.sort(["_run", *self.sort_keys[2:]], nulls_last=True)["_row"].to_numpy()
+        if rows.schema["timestamp"].is_signed_integer():  # the keys back to the values (no gather)
+            ts += np.uint64(ts_low)
+            ts ^= np.uint64(1 << 63)
+            times = ts.view(np.int64)
+        else:
+            times = _gather(rows.get_column("timestamp"), ids).astype(np.int64)
+        return ids, starts, times
 
     def encode(self, events: pl.DataFrame, per_user: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, int]:
         """Flat, user-sorted events -> (tokens, token offsets, number of OOV items)."""
@@ -165,3 +254,128 @@ def encode_events(events: pl.DataFrame, per_user: pl.DataFrame, items: ItemVocab
     profile = per_user.select(names).fill_null(-1).to_numpy() if names else None
     tokens, offsets = layout.encode(arrays, profile)
     return tokens, offsets, int((item_tokens < layout.item_offset).sum())
+
+
+# -- ordering helpers ----------------------------------------------------------------------------------------------
+
+_PACKED_BITS = 64
+
+
+def _order_key(values: pl.Series) -> tuple[np.ndarray, int, int]:
+    """Non-null values -> (uint64 keys in the same order as Polars sorts the values, bits the keys need, the
+    lowest key subtracted: a signed integer ``v`` has key ``(v ^ 2**63) - low`` as uint64)."""
+    if values.dtype.is_integer():
+        raw = values.to_numpy()
+        if values.dtype.is_signed_integer():
+            key = raw.astype(np.int64, copy=False).view(np.uint64) ^ np.uint64(1 << 63)  # order-preserving
+        else:
+            key = raw.astype(np.uint64, copy=False)
+    else:  # strings (and other sortable types): dense ranks from Polars' own order
+        key = values.rank("dense").to_numpy().astype(np.uint64)
+    if len(key) == 0:
+        return key, 0, 0
+    low = key.min()
+    key = key - low
+    return key, int(key.max()).bit_length(), int(low)
+
+
+def _sort_pairs(a: np.ndarray, a_bits: int, b: np.ndarray, b_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sort rows by (a, b) (uint64 keys of a_bits and b_bits bits); rows equal on both come in any order.
+    Returns (the permutation, a non-decreasing number per sorted row that changes exactly where ``a`` does,
+    ``b`` in sorted order).
+
+    Packs the keys and the row number into one uint64 and sorts that (``np.sort``: SIMD, no argsort; the sorted
+    keys come out of the packed values, no gather). When the three do not fit, rows are first grouped by ``a``
+    (a, row number), then, only if ``b`` is out of order inside some group, sorted by (group, b, position in
+    the group), which needs fewer bits; a multi-column argsort is the last resort.
+    """
+    n = len(a)
+    index_bits = _bits(n)
+    b_in_order = n < 2 or bool((b[1:] >= b[:-1]).all())
+    if a_bits + (0 if b_in_order else b_bits) + index_bits <= _PACKED_BITS:
+        if b_in_order:  # e.g. a log written in time order: the row number keeps that order
+            packed = _packed_sort([(a, a_bits)], index_bits)
+            perm = (packed & _low_mask(index_bits)).view(np.int64)
+            return perm, packed >> np.uint64(index_bits), b[perm]
+        packed = _packed_sort([(a, a_bits), (b, b_bits)], index_bits)
+        return ((packed & _low_mask(index_bits)).view(np.int64), packed >> np.uint64(index_bits + b_bits),
+                (packed >> np.uint64(index_bits)) & _low_mask(b_bits))
+    if a_bits > index_bits and a_bits + index_bits > _PACKED_BITS:
+        distinct = np.unique(a)  # wide ids (hashes): rank them densely so that they fit after all
+        a, a_bits = np.searchsorted(distinct, a).astype(np.uint64), _bits(len(distinct))
+    if a_bits + index_bits <= _PACKED_BITS:
+        grouped = _packed_sort([(a, a_bits)], index_bits)
+        perm = (grouped & _low_mask(index_bits)).view(np.int64)
+        grouped >>= np.uint64(index_bits)
+        new_group = np.empty(n, dtype=bool)
+        new_group[:1] = True
+        np.not_equal(grouped[1:], grouped[:-1], out=new_group[1:])
+        b = b[perm]
+        if (new_group[1:] | (b[1:] >= b[:-1])).all():  # already in b order inside every group
+            return perm, grouped, b
+        del grouped
+        starts = np.flatnonzero(new_group)
+        lengths = np.diff(np.append(starts, n))
+        group_bits, within_bits = _bits(len(starts)), _bits(int(lengths.max()))
+        if group_bits + b_bits + within_bits <= _PACKED_BITS:
+            group = np.repeat(np.arange(len(starts), dtype=np.uint64), lengths)
+            within = np.arange(n, dtype=np.uint64)
+            within -= np.repeat(starts.astype(np.uint64), lengths)
+            packed = _packed_sort([(group, group_bits), (b, b_bits)], within_bits, low=within)
+            del group, b
+            position = starts[(packed >> np.uint64(b_bits + within_bits)).view(np.int64)]
+            position += (packed & _low_mask(within_bits)).view(np.int64)
+            return (perm[position], packed >> np.uint64(b_bits + within_bits),
+                    (packed >> np.uint64(within_bits)) & _low_mask(b_bits))
+        restored = np.empty_like(b)
+        restored[perm] = b  # back to the input order for the fallback
+        b = restored
+    frame = pl.DataFrame({"a": a, "b": b})
+    perm = frame.select(pl.arg_sort_by("a", "b")).to_series().to_numpy().astype(np.int64)
+    return perm, a[perm], b[perm]
+
+
+def _bits(count: int) -> int:
+    """Bits needed for the numbers 0 .. count - 1."""
+    return max(count - 1, 0).bit_length()
+
+
+def _low_mask(bits: int) -> np.uint64:
+    return np.uint64((1 << bits) - 1)
+
+
+def _packed_sort(fields: list[tuple[np.ndarray, int]], low_bits: int, low: np.ndarray | None = None) -> np.ndarray:
+    """Sorted uint64 values ``field_0 | ... | field_k | low`` (most significant first; ``low`` defaults to the
+    row number, ``low_bits`` wide)."""
+    n = len(fields[0][0])
+    packed = np.arange(n, dtype=np.uint64) if low is None else low
+    shift = low_bits
+    for values, bits in reversed(fields):
+        if bits:
+            packed |= values << np.uint64(shift)
+            shift += bits
+    packed.sort()
+    return packed
+
+
+def _gather(values: pl.Series, rows: np.ndarray, fill=None, dtype: pl.DataType | None = None) -> np.ndarray:
+    """``values[rows]`` (cast to ``dtype``, nulls replaced by ``fill``) as NumPy. Without ``fill``, ``rows``
+    must not be null there (nulls elsewhere become 0 so that integers stay integers)."""
+    if dtype is not None and values.dtype != dtype:
+        values = values.cast(dtype)
+    if values.null_count():  # filling the whole column is cheaper than Polars' gather on a many-chunk column
+        values = values.fill_null((False if values.dtype == pl.Boolean else 0) if fill is None else fill)
+    return np.take(values.to_numpy(), rows)
+
+
+def _gather_arrow(frame: pl.DataFrame, column: str, rows: np.ndarray) -> pa.Array:
+    """``frame[column][rows]`` as Arrow (non-null there); integers through NumPy, other types through Polars."""
+    values = frame.get_column(column)
+    if values.dtype.is_integer():
+        return pa.array(_gather(values, rows))
+    return _take(frame, column, rows).to_arrow()
+
+
+def _take(frame: pl.DataFrame, column: str, rows: np.ndarray) -> pl.Series:
+    """``frame[column][rows]``: a gather expression, much faster than ``Series.gather`` on a many-chunk column."""
+    return frame.select(pl.col(column).gather(rows)).to_series()

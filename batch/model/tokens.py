@@ -67,14 +67,31 @@ class TokenLayout:
     def action_tokens(self, flags: np.ndarray, watch_percentage: np.ndarray, watch_duration: np.ndarray,
                       gap_seconds: np.ndarray) -> np.ndarray:
         """Mixed-radix action token of each event; ``gap_seconds`` NaN marks a user's first event."""
+        code = self.side_codes(flags, watch_percentage, watch_duration)
+        return self._with_gap(code, gap_seconds)
+
+    def side_codes(self, flags: np.ndarray, watch_percentage: np.ndarray, watch_duration: np.ndarray) -> np.ndarray:
+        """The action token's digits that depend on the event alone (flags, watch buckets), as an int64 number
+        below ``num_action_tokens // gap_radix``; the time gap, which needs the previous event, comes last."""
         cfg = self.config
-        bits = (flags.astype(np.int64) << np.arange(flags.shape[1], dtype=np.int64)).sum(axis=1) \
-            if flags.shape[1] else np.zeros(len(watch_percentage), dtype=np.int64)
-        pct = _bucketize(watch_percentage, cfg.watch_percentage_boundaries)
-        dur = _bucketize(watch_duration, cfg.watch_duration_boundaries)
-        gap = _bucketize(gap_seconds, cfg.time_gap_boundaries)
-        code = ((bits * self.pct_radix + pct) * self.dur_radix + dur) * self.gap_radix + gap
-        return self.action_offset + code
+        code = np.zeros(len(watch_percentage), dtype=np.int64)  # mixed radix, built in place (no temporaries)
+        for j in range(flags.shape[1]):
+            if flags.dtype == bool:
+                code[flags[:, j]] += 1 << j
+            else:
+                code += flags[:, j].astype(np.int64) << j
+        for values, boundaries, radix in ((watch_percentage, cfg.watch_percentage_boundaries, self.pct_radix),
+                                          (watch_duration, cfg.watch_duration_boundaries, self.dur_radix)):
+            code *= radix
+            code += _bucketize(values, boundaries)
+        return code
+
+    def _with_gap(self, side_codes: np.ndarray, gap_seconds: np.ndarray) -> np.ndarray:
+        code = side_codes.astype(np.int64)  # a copy: the caller's codes stay as they are
+        code *= self.gap_radix
+        code += _bucketize(gap_seconds, self.config.time_gap_boundaries)
+        code += self.action_offset
+        return code
 
     def profile_tokens(self, values: np.ndarray) -> np.ndarray:
         """(B, P) raw profile values -> (B, P) tokens; out-of-range or negative -> the feature's unknown slot."""
@@ -85,38 +102,54 @@ class TokenLayout:
 
     def encode(self, events: EventArrays, profile: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Token sequences of a batch of users: ``(tokens int64 (T,), offsets int64 (B+1,))``."""
-        ev_off = np.asarray(events.offsets, dtype=np.int64)
+        if events.flags.shape[1] != len(self.config.action_flags):
+            raise ValueError(f"expected {len(self.config.action_flags)} action flag columns "
+                             f"{self.config.action_flags}, got {events.flags.shape[1]}")
+        side = self.side_codes(events.flags, np.asarray(events.watch_percentage, dtype=np.float64),
+                               np.asarray(events.watch_duration, dtype=np.float64))
+        return self.encode_codes(events.item_tokens, side, events.timestamp, events.offsets, profile)
+
+    def encode_codes(self, item_tokens: np.ndarray, side_codes: np.ndarray, timestamp: np.ndarray,
+                     offsets: np.ndarray, profile: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`encode` from events whose :meth:`side_codes` are already computed (any integer type)."""
+        ev_off = np.asarray(offsets, dtype=np.int64)
         num_users = len(ev_off) - 1
         lengths = np.diff(ev_off)
         p = self.prefix_len
         if p and (profile is None or np.shape(profile) != (num_users, p)):
             raise ValueError(f"expected profile values of shape ({num_users}, {p}), got "
                              f"{None if profile is None else np.shape(profile)}")
-        if events.flags.shape[1] != len(self.config.action_flags):
-            raise ValueError(f"expected {len(self.config.action_flags)} action flag columns "
-                             f"{self.config.action_flags}, got {events.flags.shape[1]}")
-        ts = np.asarray(events.timestamp, dtype=np.int64)
-        gap = np.full(len(ts), np.nan)
-        if len(ts) > 1:
-            gap[1:] = (ts[1:] - ts[:-1]).astype(np.float64)
+        ts = np.asarray(timestamp, dtype=np.int64)
+        gap = np.empty(len(ts), dtype=np.float64)
+        gap[:1] = np.nan
+        np.subtract(ts[1:], ts[:-1], out=gap[1:], casting="unsafe")  # int64 difference, then to float
         gap[ev_off[:-1][lengths > 0]] = np.nan  # a user's first event has no previous event
-        actions = self.action_tokens(events.flags, np.asarray(events.watch_percentage, dtype=np.float64),
-                                     np.asarray(events.watch_duration, dtype=np.float64), gap)
+        actions = self._with_gap(side_codes, gap)
+        del gap
 
         tok_off = np.zeros(num_users + 1, dtype=np.int64)
-        tok_off[1:] = np.cumsum(p + 2 * lengths)
+        np.cumsum(p + 2 * lengths, out=tok_off[1:])
         tokens = np.empty(int(tok_off[-1]), dtype=np.int64)
         if p:
             starts = tok_off[:-1, None] + np.arange(p)
             tokens[starts.ravel()] = self.profile_tokens(profile).ravel()
-        user = np.repeat(np.arange(num_users), lengths)
-        pos = tok_off[user] + p + 2 * (np.arange(len(ts)) - ev_off[user])
-        tokens[pos] = events.item_tokens
-        tokens[pos + 1] = actions
+            # Event i of user u sits at tok_off[u] + p + 2 * (i - ev_off[u]) = 2 * i + p * (u + 1), because
+            # tok_off[u] = p * u + 2 * ev_off[u]: the items take the even slots of the events' part, actions the odd.
+            pos = np.repeat(np.arange(p, p * num_users + 1, p, dtype=np.int64), lengths)
+            pos += np.arange(0, 2 * len(ts), 2, dtype=np.int64)
+            tokens[pos] = item_tokens
+            pos += 1
+            tokens[pos] = actions
+        else:  # no profile prefix: the sequences are the events' (item, action) pairs back to back
+            pairs = tokens.reshape(-1, 2)
+            pairs[:, 0] = item_tokens
+            pairs[:, 1] = actions
         return tokens, tok_off
 
 
 def _bucketize(values: np.ndarray, boundaries: list[float]) -> np.ndarray:
     """0 for NaN (missing), else 1 + the number of boundaries <= value."""
-    b = np.searchsorted(np.asarray(boundaries, dtype=np.float64), values, side="right") + 1
-    return np.where(np.isnan(values), 0, b).astype(np.int64)
+    b = np.searchsorted(np.asarray(boundaries, dtype=np.float64), values, side="right").astype(np.int64, copy=False)
+    b += 1
+    b[np.isnan(values)] = 0
+    return b
