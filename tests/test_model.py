@@ -194,7 +194,8 @@ def test_bad_checkpoints_fail_with_a_message_naming_the_problem(tmp_path, breaka
         load_checkpoint(str(path))
 
 
-@pytest.mark.parametrize("preset", ["tiny", "mtgr_small", "mtgr_medium", "mtgr_large", "seed_high", "seed_light"])
+@pytest.mark.parametrize("preset", ["tiny", "mtgr_small", "mtgr_medium", "mtgr_large", "seed_high", "seed_light",
+                                    "dlrmv3"])
 def test_presets_state_their_real_parameter_count(preset):
     path = os.path.join(CONF, f"{preset}.yaml")
     text = open(path).read()

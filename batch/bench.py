@@ -1,0 +1,354 @@
+"""``python -m batch.bench``: the whole job, Parquet in and out, timed per engine on a synthetic log at scale.
+
+1. Writes a synthetic log (``batch.synth``; skewed history lengths and item popularity) and a random-weight
+   checkpoint of a model preset (``conf/model/<preset>.yaml``, arch keys overridable). Both are cached in
+   ``workdir`` by their spec.
+2. Measures the card's bf16 matrix-product peak (8192^3, CUDA events) when a GPU is present.
+3. Runs ``python -m batch.run`` once per entry of ``runs`` (engine overrides; ``job`` applies to all) on the same
+   data, sampling GPU utilisation and memory with nvidia-smi, and reads each run's manifest.
+4. Reports per run: users/s and tokens/s (tokens = positions the model processes), model TFLOP/s and MFU
+   (``batch.model.flops``), GPU busy share during the engine phase, peak GPU memory, the time split
+   read / sequences / score / write / engine waiting for data, and the ratio of the ``ratio`` runs.
+   Throughput is over the data pipeline: the row-count scan plus first read to last write, which leaves out the
+   fixed start-up (checkpoint load, engine start) that a nightly run pays once; start-up is reported beside it.
+5. Optionally times the seed document's shape (batch 8 x 500 tokens) on the seed presets (``seed_table``).
+
+Appends one JSON line per number to ``results`` and prints a table. Numbers are measured, never asserted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import numpy as np
+import pyarrow as pa
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.utils import to_absolute_path
+from omegaconf import OmegaConf
+
+from batch.model import MTGR, ItemVocab, MTGRConfig, ProfileFeature, TokenLayout, save_checkpoint
+from batch.model.flops import scoring_flops
+from batch.synth import LogSpec, write_log
+
+log = logging.getLogger("batch.bench")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class BenchConfig:
+    preset: str = "dlrmv3"  # conf/model/<preset>.yaml: the architecture; weights are random
+    arch: dict[str, Any] = field(default_factory=dict)  # scalar overrides of the preset's arch, e.g. num_items
+    users: int = 100_000
+    events_median: float = 1000.0  # events per user: lognormal(log(median), sigma), clipped to [min, max]
+    events_sigma: float = 0.35
+    min_events: int = 20
+    max_events: int = 4000  # longer histories are cut to the model's max_seq_len by the job, as in production
+    days: int = 28
+    run_date: str = "2026-11-01"
+    workdir: str = "outputs/bench"
+    job: list[str] = field(default_factory=lambda: ["data.num_shards=8", "output.top_k=100"])
+    runs: dict[str, list[str]] = field(default_factory=lambda: {
+        "torch": ["engine=torch", "engine.dtype=bfloat16"],
+        "vllm": ["engine=vllm_high_throughput"],
+    })
+    ratio: list[str] = field(default_factory=lambda: ["vllm", "torch"])  # report runs[0] / runs[1]
+    seed_table: bool = False  # also time batch 8 x 500 tokens on seed_light and seed_high
+    results: Optional[str] = "bench/results.jsonl"  # null = print only
+    label: str = ""  # free text stored with every result line (e.g. the tuning step)
+    seed: int = 0
+    sample_ms: int = 100  # nvidia-smi sampling period
+
+
+ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
+
+
+# -- inputs --------------------------------------------------------------------------------------------------------
+
+def preset_config(preset: str, overrides: dict[str, Any]) -> MTGRConfig:
+    """The MTGRConfig of ``conf/model/<preset>.yaml`` with scalar ``overrides`` applied."""
+    path = REPO / "conf" / "model" / f"{preset}.yaml"
+    if not path.exists():
+        raise SystemExit(f"bench: no model preset {preset!r} (expected {path.relative_to(REPO)})")
+    arch = {**OmegaConf.to_container(OmegaConf.load(path).arch), **overrides}
+    arch["profile_features"] = [ProfileFeature(**p) for p in arch.get("profile_features", [])]
+    return MTGRConfig(**arch, model_version=f"random-{preset}")
+
+
+def random_checkpoint(path: Path, cfg: MTGRConfig, seed: int) -> Path:
+    """A random-weight checkpoint (cached by config); item embeddings and biases scaled so that next-item
+    scores are well separated, as in a trained model."""
+    marker = path / "_spec.json"
+    spec = json.dumps({"config": dataclasses.asdict(cfg), "seed": seed}, sort_keys=True)
+    if marker.exists() and marker.read_text() == spec:
+        return path
+    torch.manual_seed(seed)
+    model = MTGR(cfg)
+    with torch.no_grad():
+        model.embed.item.weight.mul_(4.0)
+        for layer in model.layers:
+            layer.rel_bias.normal_(0, 0.5)
+    rng = np.random.default_rng(seed)
+    categories = rng.integers(1, max(cfg.num_categories, 1) + 1, cfg.num_items)
+    items = ItemVocab(pa.array(np.arange(cfg.num_items, dtype=np.int64)), categories, TokenLayout(cfg).item_offset)
+    save_checkpoint(str(path), model, items)
+    marker.write_text(spec)
+    return path
+
+
+# -- measurement ---------------------------------------------------------------------------------------------------
+
+class GpuSampler:
+    """nvidia-smi utilisation (%) and memory used (MiB) of GPU 0, stamped with this clock, every ``ms``."""
+
+    def __init__(self, ms: int):
+        self.samples: list[tuple[float, float, float]] = []
+        cmd = ["nvidia-smi", "--id=0", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+               f"-lms={ms}"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                util, mem = (float(x) for x in line.split(","))
+            except ValueError:
+                continue
+            self.samples.append((time.time(), util, mem))
+
+    def window(self, start: float, end: float) -> np.ndarray:
+        """(n, 3) samples taken in [start, end]."""
+        s = np.array(self.samples or [(0.0, 0.0, 0.0)])
+        return s[(s[:, 0] >= start) & (s[:, 0] <= end)]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def matmul_peak_tflops(n: int = 8192, iters: int = 20) -> float:
+    """Measured dense bf16 matrix-product rate of this GPU (random operands, after warm-up)."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def seed_table_ms(preset: str, batch: int = 8, tokens: int = 500, iters: int = 30) -> float:
+    """Median ms of one scoring pass (forward, item head at the last position, top-10) of a random-weight preset
+    on ``batch`` users of ``tokens`` tokens, bf16 on the GPU (float32 on CPU)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = preset_config(preset, {})
+    model = MTGR(cfg).to(device, dtype).eval()
+    model.embed.build_table()
+    lay = TokenLayout(cfg)
+    gen = torch.Generator().manual_seed(0)
+    tok = torch.randint(lay.action_offset, lay.vocab_size, (batch * tokens,), generator=gen).to(device)
+    offsets = torch.arange(0, batch * tokens + 1, tokens, device=device)
+    times = []
+    iters, warmup = (iters, 3) if device.type == "cuda" else (2, 1)  # a CPU pass of seed_high takes seconds
+    with torch.inference_mode():
+        for i in range(iters + warmup):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            hidden = model(tok, offsets)
+            torch.topk(model.item_logits(hidden[model.last_positions(offsets)]).float(), 10)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+# -- one run of the job --------------------------------------------------------------------------------------------
+
+def run_job(cfg: BenchConfig, name: str, overrides: list[str], events: Path, ckpt: Path, work: Path,
+            sampler: GpuSampler | None) -> dict[str, Any]:
+    """Run ``python -m batch.run`` with ``overrides``; returns its manifest plus the bench's own observations."""
+    out = work / "out" / name
+    arch = [f"++model.arch.{k}={v}" for k, v in cfg.arch.items()]
+    cmd = [sys.executable, "-m", "batch.run", f"model={cfg.preset}", f"model.checkpoint={ckpt}", *arch,
+           f"data.path={events}", f"data.run_date={cfg.run_date}", f"data.lookback_days={cfg.days}",
+           f"output.path={out}", f"hydra.run.dir={work / 'logs' / name}", *cfg.job, *overrides]
+    log.info("run %s: %s", name, shlex.join(cmd[1:]))
+    logfile = work / "logs" / f"{name}.log"
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    base_mem = sampler.samples[-1][2] if sampler and sampler.samples else 0.0
+    t0 = time.time()
+    with open(logfile, "w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    t1 = time.time()
+    if proc.returncode != 0:
+        tail = logfile.read_text()[-4000:]
+        raise SystemExit(f"bench: run {name!r} failed with exit code {proc.returncode}; log {logfile}:\n{tail}")
+    manifest_path = out.parent / f"{out.name}_manifests" / f"dt={cfg.run_date}" / "manifest.json"
+    m = json.loads(manifest_path.read_text())
+    m["bench"] = {"wall_s": t1 - t0, "log": str(logfile)}
+    if sampler is not None:
+        score = m["timeline"]["score"]
+        busy = sampler.window(score["start"], score["end"])
+        job = sampler.window(t0, t1)
+        m["bench"].update(gpu_busy=float(busy[:, 1].mean() / 100) if len(busy) else None, gpu_samples=len(busy),
+                          gpu_peak_mem_gib=float((job[:, 2].max() - base_mem) / 1024) if len(job) else None)
+    return m
+
+
+def summarise(m: dict[str, Any], lengths: np.ndarray, model_cfg: MTGRConfig, peak: float | None) -> dict[str, Any]:
+    """Throughput, FLOP rate and time split of one run from its manifest."""
+    t, span = m["timings_seconds"], m["timeline"]
+    pipeline = t["scan"] + span["write"]["end"] - span["read"]["start"]
+    engine = span["score"]["end"] - span["score"]["start"]
+    users, tokens = int(len(lengths)), float(lengths.sum())
+    flops = scoring_flops(model_cfg, lengths)["total"]
+    s = {
+        "users_per_s": users / pipeline,
+        "tokens_per_s": tokens / pipeline,
+        "tflops": flops / pipeline / 1e12,
+        "engine_tokens_per_s": tokens / engine,
+        "engine_tflops": flops / engine / 1e12,
+        "pipeline_s": pipeline,
+        "startup_s": t["load_checkpoint"] + span["read"]["start"] - span["scan"]["end"],
+        "job_wall_s": m["bench"]["wall_s"],
+        **{f"{k}_s": t.get(k, 0.0) for k in ("scan", "read", "sequences", "score", "wait_for_data", "write")},
+    }
+    if peak:
+        s["mfu"] = s["tflops"] / peak
+        s["engine_mfu"] = s["engine_tflops"] / peak
+    for k in ("gpu_busy", "gpu_peak_mem_gib"):
+        if m["bench"].get(k) is not None:
+            s[k] = m["bench"][k]
+    return s
+
+
+UNITS = {"users_per_s": "users/s", "tokens_per_s": "tokens/s", "engine_tokens_per_s": "tokens/s",
+         "tflops": "TFLOP/s", "engine_tflops": "TFLOP/s", "mfu": "fraction", "engine_mfu": "fraction",
+         "gpu_busy": "fraction", "gpu_peak_mem_gib": "GiB"}
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"CPU ({os.cpu_count()} cores), torch {torch.__version__}"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=8", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("MTGR_COMMIT", "unknown")
+
+
+def bench(cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Run the benchmark; returns the result records (also appended to ``cfg.results``)."""
+    work = Path(to_absolute_path(cfg.workdir))
+    model_cfg = preset_config(cfg.preset, dict(cfg.arch))
+    spec = LogSpec(users=cfg.users, events_median=cfg.events_median, events_sigma=cfg.events_sigma,
+                   min_events=cfg.min_events, max_events=cfg.max_events, num_items=model_cfg.num_items,
+                   run_date=cfg.run_date, days=cfg.days, seed=cfg.seed)
+    t0 = time.perf_counter()
+    events = write_log(spec, work / "events")
+    log.info("log: %s users, %s events (%.0fs)", f"{len(events):,}", f"{int(events.sum()):,}", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    ckpt = random_checkpoint(work / f"checkpoint-{cfg.preset}", model_cfg, cfg.seed)
+    log.info("checkpoint: %s (%.0fs)", ckpt, time.perf_counter() - t0)
+    lay = TokenLayout(model_cfg)
+    lengths = lay.prefix_len + 2 * np.minimum(events, lay.max_events(model_cfg.max_seq_len))
+
+    device, commit = device_name(), git_commit()
+    command = "python -m batch.bench " + shlex.join(sys.argv[1:])
+    shape = (f"preset {cfg.preset} {json.dumps(cfg.arch, sort_keys=True) if cfg.arch else ''} "
+             f"(d_model {model_cfg.d_model}, {model_cfg.num_layers} layers, {model_cfg.num_heads} heads, "
+             f"{model_cfg.num_items:,} items); {len(events):,} users, mean {events.mean():.0f} events/user in the log, "
+             f"mean {lengths.mean():.0f} tokens/user scored; job {' '.join(cfg.job)}")
+    if cfg.label:
+        shape += f"; {cfg.label}"
+    records: list[dict[str, Any]] = []
+
+    def record(config: str, metric: str, value: float, unit: str) -> None:
+        records.append({"bench": "e2e", "config": config, "metric": metric, "value": value, "unit": unit,
+                        "device": device, "commit": commit, "command": command,
+                        "date": dt.date.today().isoformat()})
+
+    peak = None
+    if torch.cuda.is_available():
+        peak = matmul_peak_tflops()
+        record("bf16 matmul 8192x8192x8192, random operands", "matmul_peak", peak, "TFLOP/s")
+        torch.cuda.empty_cache()
+    sampler = GpuSampler(cfg.sample_ms) if torch.cuda.is_available() else None
+    summaries = {}
+    try:
+        for name, overrides in cfg.runs.items():
+            m = run_job(cfg, name, list(overrides), work / "events", ckpt, work, sampler)
+            if m["events"]["used"] != int(lengths.sum() - lay.prefix_len * len(lengths)) // 2:
+                raise SystemExit(f"bench: run {name!r} used {m['events']['used']} events, expected "
+                                 f"{int(lengths.sum() - lay.prefix_len * len(lengths)) // 2}")
+            s = summaries[name] = summarise(m, lengths, model_cfg, peak)
+            for metric, value in s.items():
+                record(f"{shape}; run {name}: {' '.join(overrides)}", metric, value,
+                       UNITS.get(metric, "s" if metric.endswith("_s") else ""))
+    finally:
+        if sampler is not None:
+            sampler.close()
+    a, b = cfg.ratio if len(cfg.ratio) == 2 else (None, None)
+    if a in summaries and b in summaries:
+        record(f"{shape}; {a} / {b}", f"{a}_over_{b}_tokens_per_s",
+               summaries[a]["tokens_per_s"] / summaries[b]["tokens_per_s"], "ratio")
+    if cfg.seed_table:
+        for preset in ("seed_light", "seed_high"):
+            ms = seed_table_ms(preset)
+            record(f"preset {preset}, random weights, batch 8 x 500 tokens, forward + head + top-10, "
+                   f"{'bf16' if torch.cuda.is_available() else 'float32'}", "seed_table_latency", ms, "ms")
+    print_table(summaries, records)
+    if cfg.results:
+        with open(to_absolute_path(cfg.results), "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    return records
+
+
+def print_table(summaries: dict[str, dict[str, Any]], records: list[dict[str, Any]]) -> None:
+    cols = ["users_per_s", "tokens_per_s", "tflops", "mfu", "engine_tokens_per_s", "gpu_busy", "gpu_peak_mem_gib",
+            "pipeline_s", "startup_s", "read_s", "sequences_s", "score_s", "wait_for_data_s", "write_s"]
+    print("run".ljust(10) + "".join(c.rjust(max(len(c), 10) + 2) for c in cols))
+    for name, s in summaries.items():
+        cells = [f"{s[c]:,.3f}" if isinstance(s.get(c), float) and abs(s[c]) < 10 else
+                 (f"{s[c]:,.0f}" if c in s else "-") for c in cols]
+        print(name.ljust(10) + "".join(v.rjust(max(len(c), 10) + 2) for c, v in zip(cols, cells)))
+    for r in records:
+        if r["metric"] in ("matmul_peak", "seed_table_latency") or "_over_" in r["metric"]:
+            print(f"{r['metric']}: {r['value']:.3f} {r['unit']}  ({r['config'][-60:]})")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(raw) -> None:
+    cfg: BenchConfig = OmegaConf.to_object(raw)
+    bench(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The end-to-end benchmark's own parts: synthetic log, FLOP count, and one small run of the whole thing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from batch.bench import BenchConfig, bench, preset_config
+from batch.model import MTGRConfig
+from batch.model.flops import scoring_flops
+from batch.synth import LogSpec, history_lengths, write_log
+
+SPEC = LogSpec(users=300, events_median=40, events_sigma=0.8, min_events=3, max_events=120, num_items=500,
+               run_date="2026-11-01", days=7, seed=3, users_per_file=128)
+
+
+def test_synthetic_log_is_reproducible_skewed_and_in_the_window(tmp_path):
+    a = write_log(SPEC, tmp_path / "a", threads=2)
+    b = write_log(SPEC, tmp_path / "b", threads=1)
+    assert np.array_equal(a, history_lengths(SPEC)) and np.array_equal(a, b)
+    assert a.min() >= 3 and a.max() <= 120 and a.std() > 5  # lengths vary, within the clip
+    for name in ("part-00000.parquet", "part-00002.parquet"):
+        assert pl.read_parquet(tmp_path / "a" / name).equals(pl.read_parquet(tmp_path / "b" / name))
+    log = pl.read_parquet(tmp_path / "a" / "*.parquet")
+    assert log.height == a.sum() and log["user_id"].n_unique() == SPEC.users
+    assert sorted(log.group_by("user_id").len()["len"].to_list()) == sorted(a.tolist())
+    ts = log["timestamp"]
+    assert str(ts.min()) >= "2026-10-25" and str(ts.max()) < "2026-11-01"
+    top = log["video_id"].value_counts(sort=True)["count"]
+    assert top[:5].sum() > 5 * log.height / SPEC.num_items * 5  # popular items are far above uniform
+    assert not log["timestamp"].is_sorted()  # rows come unsorted, as in a real log
+
+
+def test_flops_count_each_part_of_the_model():
+    cfg = MTGRConfig(d_model=8, num_layers=3, num_heads=2, num_items=100)
+    f = scoring_flops(cfg, np.array([1, 4]))
+    assert f["linear"] == 3 * 5 * 2 * (8 * 32 + 8 * 8)  # 5 tokens through U/V/Q/K and output projections
+    assert f["attention"] == 3 * (1 + 10) * 2 * 2 * 8  # 1 + 10 causal pairs, Q.K and A.V
+    assert f["head"] == 2 * 2 * 8 * 100 and f["total"] == f["linear"] + f["attention"] + f["head"]
+
+
+def test_presets_resolve_with_overrides():
+    cfg = preset_config("dlrmv3", {"num_items": 1234})
+    assert (cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.num_items) == (512, 5, 4, 128, 1234)
+    with pytest.raises(SystemExit, match="no model preset"):
+        preset_config("nope", {})
+
+
+def test_bench_runs_the_job_and_records_every_number(tmp_path):
+    results = tmp_path / "results.jsonl"
+    cfg = BenchConfig(preset="tiny", users=120, events_median=30, min_events=2, max_events=700,
+                      workdir=str(tmp_path / "work"), job=["data.num_shards=2", "output.top_k=5"],
+                      runs={"small": ["engine=torch", "engine.batch_tokens=512"], "big": ["engine=torch"]},
+                      ratio=["small", "big"], results=str(results), label="test")
+    records = bench(cfg)
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    assert lines == records
+    by = {(r["config"].split("; run ")[-1].split(":")[0], r["metric"]): r["value"] for r in records}
+    for run in ("small", "big"):
+        assert by[(run, "users_per_s")] > 0 and by[(run, "tokens_per_s")] > by[(run, "users_per_s")]
+        assert by[(run, "score_s")] > 0 and by[(run, "pipeline_s")] > 0
+    assert any(r["metric"] == "small_over_big_tokens_per_s" and r["value"] > 0 for r in records)
+    assert all(set(r) == {"bench", "config", "metric", "value", "unit", "device", "commit", "command", "date"}
+               for r in records)
+    for run in ("small", "big"):  # both runs published the same recommendations
+        assert (tmp_path / "work" / "out" / run / "dt=2026-11-01" / "part-0.parquet").exists()
+    a, b = (pl.read_parquet(tmp_path / "work" / "out" / r / "dt=2026-11-01" / "part-0.parquet")
+            .sort("user_id", "rank").select("user_id", "item_id") for r in ("small", "big"))
+    assert a.equals(b)
