@@ -117,7 +117,7 @@ class GpuSampler:
     def __init__(self, ms: int):
         self.samples: list[tuple[float, float, float]] = []
         cmd = ["nvidia-smi", "--id=0", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-               f"-lms={ms}"]
+               f"--loop-ms={ms}"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
@@ -293,6 +293,9 @@ def bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         records.append({"bench": "e2e", "config": config, "metric": metric, "value": value, "unit": unit,
                         "device": device, "commit": commit, "command": command,
                         "date": dt.date.today().isoformat()})
+        if cfg.results:  # as soon as measured: a later run that fails loses nothing
+            with open(to_absolute_path(cfg.results), "a") as f:
+                f.write(json.dumps(records[-1]) + "\n")
 
     peak = None
     if torch.cuda.is_available():
@@ -324,10 +327,6 @@ def bench(cfg: BenchConfig) -> list[dict[str, Any]]:
             record(f"preset {preset}, random weights, batch 8 x 500 tokens, forward + head + top-10, "
                    f"{'bf16' if torch.cuda.is_available() else 'float32'}", "seed_table_latency", ms, "ms")
     print_table(summaries, records)
-    if cfg.results:
-        with open(to_absolute_path(cfg.results), "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
     return records
 
 
