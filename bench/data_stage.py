@@ -1,6 +1,6 @@
 """Benchmark of the data stage: scan + validate the behaviour log, then build token sequences shard by shard.
 
-    python bench/data_stage.py [--events 20000000] [--shards 1 8] [--data-dir DIR]
+    python bench/data_stage.py [--events 20000000] [--users 1000000] [--shards 1 8] [--data-dir DIR]
 
 1. Generates (once, cached in ``--data-dir``, default a folder in the system temp dir, outside the repo) a
    synthetic log in the input schema: one Hive ``dt=`` partition per day, one Parquet file each, 256k-row row
@@ -46,7 +46,8 @@ MAX_SEQ_LEN = 256  # tokens: 1 profile token + 2 per event -> the last 127 event
 # -- synthetic input -----------------------------------------------------------------------------------------------
 
 def generate(data_dir: Path, events: int, seed: int = 7) -> Path:
-    """Write the synthetic log under ``data_dir/events`` unless a matching one is already there."""
+    """Write the synthetic log under ``data_dir/events`` unless a matching one is already there (``NUM_USERS``
+    users: the default gives ~20 events per user, ``--users 20000`` ~1000, where most events are cut off)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -184,8 +185,10 @@ def git_commit() -> str:
 
 
 def main() -> None:
+    global NUM_USERS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=20_000_000)
+    ap.add_argument("--users", type=int, default=NUM_USERS, help="user id range of the generated log (skewed)")
     ap.add_argument("--shards", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "mtgr-bench-data-stage")
     ap.add_argument("--no-record", action="store_true", help="print only, do not append to bench/results.jsonl")
@@ -197,8 +200,9 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    NUM_USERS = args.users
     args.data_dir.mkdir(parents=True, exist_ok=True)
-    print(f"generating {args.events:,} events in {args.data_dir} (cached)", flush=True)
+    print(f"generating {args.events:,} events of up to {args.users:,} users in {args.data_dir} (cached)", flush=True)
     events_dir = generate(args.data_dir, args.events)
     make_checkpoint(args.data_dir)
     size_mb = sum(p.stat().st_size for p in events_dir.rglob("*.parquet")) / 2**20
@@ -214,7 +218,8 @@ def main() -> None:
         if proc.returncode:
             sys.exit(f"measurement with num_shards={n} failed:\n{proc.stderr}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        config = {"num_shards": n, "events": r["rows_read"], "users": r["users"], "files": DAYS,
+        config = {"num_shards": n, "events": r["rows_read"], "users": r["users"], "user_id_range": args.users,
+                  "files": DAYS,
                   "input_mb": round(size_mb, 1), "max_seq_len": MAX_SEQ_LEN, "row_group_rows": ROW_GROUP,
                   "loadavg_1m_before": round(load_before, 2), "loadavg_1m_after": round(os.getloadavg()[0], 2)}
         metrics = [("events_per_s", r["rows_read"] / r["wall_s"], "events/s"), ("wall", r["wall_s"], "s"),
