@@ -61,19 +61,28 @@ class BenchConfig:
     run_date: str = "2026-11-01"
     workdir: str = "outputs/bench"
     job: list[str] = field(default_factory=lambda: ["data.num_shards=8", "output.top_k=100"])
-    runs: dict[str, list[str]] = field(default_factory=lambda: {
-        "torch": ["engine=torch", "engine.dtype=bfloat16"],
-        "vllm": ["engine=vllm_high_throughput"],
-    })
+    runs: dict[str, list[str]] = field(default_factory=dict)  # run name -> job overrides; empty = DEFAULT_RUNS
     ratio: list[str] = field(default_factory=lambda: ["vllm", "torch"])  # report runs[0] / runs[1]
     seed_table: bool = False  # also time batch 8 x 500 tokens on seed_light and seed_high
     results: Optional[str] = "bench/results.jsonl"  # null = print only
     label: str = ""  # free text stored with every result line (e.g. the tuning step)
+    run_timeout_s: Optional[int] = None  # a run that takes longer is stopped and recorded as timed out
+    profile: list[str] = field(default_factory=list)  # runs made under cProfile instead (vLLM in one process)
     seed: int = 0
     sample_ms: int = 100  # nvidia-smi sampling period
 
 
-ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
+DEFAULT_RUNS = {"torch": ["engine=torch", "engine.dtype=bfloat16"], "vllm": ["engine=vllm_high_throughput"]}
+
+
+def _schema():
+    node = OmegaConf.structured(BenchConfig)
+    for key in ("arch", "runs"):  # free-form mappings: `runs={a: [...], b: [...]}` names its own runs
+        OmegaConf.set_struct(node[key], False)
+    return node
+
+
+ConfigStore.instance().store(name="bench_schema", node=_schema())
 
 
 # -- inputs --------------------------------------------------------------------------------------------------------
@@ -186,21 +195,31 @@ def seed_table_ms(preset: str, batch: int = 8, tokens: int = 500, iters: int = 3
 # -- one run of the job --------------------------------------------------------------------------------------------
 
 def run_job(cfg: BenchConfig, name: str, overrides: list[str], events: Path, ckpt: Path, work: Path,
-            sampler: GpuSampler | None) -> dict[str, Any]:
-    """Run ``python -m batch.run`` with ``overrides``; returns its manifest plus the bench's own observations."""
+            sampler: GpuSampler | None, profile: Path | None = None) -> dict[str, Any] | None:
+    """Run ``python -m batch.run`` with ``overrides``; returns its manifest plus the bench's own observations,
+    or None if it ran past ``cfg.run_timeout_s``. With ``profile``, the job runs under cProfile (vLLM's engine core
+    in the same process, so the profile sees it) and writes its stats there."""
     out = work / "out" / name
     arch = [f"++model.arch.{k}={v}" for k, v in cfg.arch.items()]
-    cmd = [sys.executable, "-m", "batch.run", f"model={cfg.preset}", f"model.checkpoint={ckpt}", *arch,
+    python = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else [])
+    cmd = [*python, "-m", "batch.run", f"model={cfg.preset}", f"model.checkpoint={ckpt}", *arch,
            f"data.path={events}", f"data.run_date={cfg.run_date}", f"data.lookback_days={cfg.days}",
            f"output.path={out}", f"hydra.run.dir={work / 'logs' / name}", *cfg.job, *overrides]
     log.info("run %s: %s", name, shlex.join(cmd[1:]))
     logfile = work / "logs" / f"{name}.log"
     logfile.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if profile:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     base_mem = sampler.samples[-1][2] if sampler and sampler.samples else 0.0
     t0 = time.time()
     with open(logfile, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                  timeout=cfg.run_timeout_s)
+        except subprocess.TimeoutExpired:
+            log.error("run %s stopped after %ss (run_timeout_s)", name, cfg.run_timeout_s)
+            return None
     t1 = time.time()
     if proc.returncode != 0:
         tail = logfile.read_text()[-4000:]
@@ -256,11 +275,13 @@ def device_name() -> str:
 
 
 def git_commit() -> str:
+    if os.environ.get("MTGR_COMMIT"):  # a copied tree (GPU host) may carry a stale .git
+        return os.environ["MTGR_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short=8", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("MTGR_COMMIT", "unknown")
+        return "unknown"
 
 
 def bench(cfg: BenchConfig) -> list[dict[str, Any]]:
@@ -305,8 +326,14 @@ def bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     sampler = GpuSampler(cfg.sample_ms) if torch.cuda.is_available() else None
     summaries = {}
     try:
-        for name, overrides in cfg.runs.items():
+        runs = cfg.runs or DEFAULT_RUNS
+        for name, overrides in runs.items():
+            if name in cfg.profile:
+                continue  # profiled below: a profiled run's timings are not representative
             m = run_job(cfg, name, list(overrides), work / "events", ckpt, work, sampler)
+            if m is None:
+                record(f"{shape}; run {name}: {' '.join(overrides)}", "timed_out", float(cfg.run_timeout_s), "s")
+                continue
             if m["events"]["used"] != int(lengths.sum() - lay.prefix_len * len(lengths)) // 2:
                 raise SystemExit(f"bench: run {name!r} used {m['events']['used']} events, expected "
                                  f"{int(lengths.sum() - lay.prefix_len * len(lengths)) // 2}")
@@ -314,6 +341,11 @@ def bench(cfg: BenchConfig) -> list[dict[str, Any]]:
             for metric, value in s.items():
                 record(f"{shape}; run {name}: {' '.join(overrides)}", metric, value,
                        UNITS.get(metric, "s" if metric.endswith("_s") else ""))
+        for name in cfg.profile:
+            stats = work / "profiles" / f"{name}.prof"
+            stats.parent.mkdir(parents=True, exist_ok=True)
+            if name in runs and run_job(cfg, f"{name}-profile", list(runs[name]), work / "events", ckpt, work, None, stats):
+                print_profile(stats, name)
     finally:
         if sampler is not None:
             sampler.close()
@@ -341,6 +373,16 @@ def print_table(summaries: dict[str, dict[str, Any]], records: list[dict[str, An
     for r in records:
         if r["metric"] in ("matmul_peak", "seed_table_latency") or "_over_" in r["metric"]:
             print(f"{r['metric']}: {r['value']:.3f} {r['unit']}  ({r['config'][-60:]})")
+
+
+def print_profile(stats: Path, name: str, lines: int = 45) -> None:
+    """The functions with the most cumulative and own time in a cProfile dump."""
+    import pstats
+
+    print(f"== profile of run {name} ({stats})")
+    p = pstats.Stats(str(stats))
+    p.sort_stats("cumulative").print_stats(lines)
+    p.sort_stats("tottime").print_stats(lines)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
