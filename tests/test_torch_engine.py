@@ -9,7 +9,8 @@ import torch
 
 from batch.config import Device, DType, TorchEngineConfig
 from batch.engines.base import TopK, UserBatch, recommendations_table
-from batch.engines.torch_engine import TorchEngine, deterministic_topk, pack_by_tokens, resolve_device
+from batch.engines.torch_engine import (TorchEngine, candidate_topk, deterministic_topk, mask_seen_items,
+                                        pack_by_tokens, resolve_device)
 from batch.errors import ConfigError
 from batch.events import normalize
 from batch.model import load_checkpoint
@@ -128,3 +129,156 @@ def test_half_precision_runs_and_still_excludes_seen_items(tiny_checkpoint, seqs
     for b in range(len(seqs.batch)):
         tokens = seqs.batch.tokens[seqs.batch.offsets[b]: seqs.batch.offsets[b + 1]]
         assert not set(top.items[b].tolist()) & set((tokens - fresh.layout.item_offset).tolist())
+
+
+# --- the engine keeps its results on the device until the end of a shard; they must not change by a single bit ---
+
+
+def legacy_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's former top-k (float32 logits, full stable sort of every row tied at the k-th score)."""
+    values, index = torch.topk(logits, k, dim=1)
+    order = index.argsort(dim=1)
+    index, values = index.gather(1, order), values.gather(1, order)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    index, values = index.gather(1, order), values.gather(1, order)
+    tied = (logits >= values[:, -1:]).sum(dim=1) > k
+    if tied.any():
+        full = torch.sort(logits[tied], dim=1, descending=True, stable=True)
+        values[tied], index[tied] = full.values[:, :k], full.indices[:, :k]
+    return values, index
+
+
+def legacy_score(eng: TorchEngine, batch: UserBatch, top_k: int, exclude_seen: bool) -> TopK:
+    """The engine's former loop: a host copy in and out per batch, boolean-indexed mask, float32 top-k."""
+    model, k = eng.model, min(top_k, eng.num_items)
+    items = np.full((len(batch), top_k), -1, dtype=np.int64)
+    scores = np.full((len(batch), top_k), -np.inf, dtype=np.float32)
+    with torch.inference_mode():
+        for start, stop in pack_by_tokens(batch.lengths, eng.batch_tokens):
+            sub = batch.select(slice(start, stop))
+            tokens, offsets = torch.from_numpy(sub.tokens), torch.from_numpy(sub.offsets)
+            logits = model.item_logits(model(tokens, offsets)[model.last_positions(offsets)]).float()
+            if exclude_seen:
+                user = torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())
+                is_item = tokens >= eng.item_offset
+                logits[user[is_item], tokens[is_item] - eng.item_offset] = float("-inf")
+            values, index = legacy_topk(logits, k)
+            items[start:stop, :k], scores[start:stop, :k] = index.numpy(), values.numpy()
+    items[~np.isfinite(scores)] = -1
+    scores[items < 0] = -np.inf
+    return TopK(items, scores)
+
+
+def assert_identical(got: TopK, want: TopK) -> None:
+    assert np.array_equal(got.items, want.items)
+    assert got.scores.dtype == np.float32 and np.array_equal(got.scores.view(np.int32), want.scores.view(np.int32))
+
+
+def prototype_checkpoint(tiny_checkpoint, dtype: DType, groups: int = 3):
+    """Item embeddings that repeat ``groups`` distinct rows (item i has row i % groups): scores tie massively."""
+    ckpt = load_checkpoint(str(tiny_checkpoint))
+    with torch.no_grad():
+        weight = ckpt.model.embed.item.weight
+        weight.copy_(weight[torch.arange(len(weight)) % groups])
+    return ckpt
+
+
+@pytest.mark.parametrize("dtype", [DType.float32, DType.bfloat16])
+@pytest.mark.parametrize("ties", [False, True])
+def test_results_are_bit_identical_to_the_former_engine(tiny_checkpoint, seqs, dtype, ties):
+    ckpt = prototype_checkpoint(tiny_checkpoint, dtype) if ties else load_checkpoint(str(tiny_checkpoint))
+    eng = TorchEngine(TorchEngineConfig(device=Device.cpu, dtype=dtype), ckpt)
+    for budget in (1, 40, 100_000):
+        eng.batch_tokens = budget
+        for exclude_seen in (False, True):
+            for top_k in (1, 5, 20):
+                want = legacy_score(eng, seqs.batch, top_k, exclude_seen)
+                for slack in (None, 0, 1, 3):  # 0: every row takes the deferred full sort
+                    eng.tie_slack = slack
+                    assert_identical(eng.score(seqs.batch, top_k, exclude_seen), want)
+
+
+def test_deliberate_ties_go_to_lower_item_indices(tiny_checkpoint, seqs):
+    ckpt = prototype_checkpoint(tiny_checkpoint, DType.float32)
+    eng = TorchEngine(TorchEngineConfig(device=Device.cpu, batch_tokens=40), ckpt)
+    ref = reference_scores(ckpt, seqs.batch)
+    groups = ref[:, :3]  # item i scores exactly as item i % 3
+    assert np.array_equal(ref, groups[:, np.arange(NUM_ITEMS) % 3])
+    k = 10
+    for slack in (None, 0, 2, 30):
+        eng.tie_slack = slack
+        top = eng.score(seqs.batch, k, exclude_seen=False)
+        for b in range(len(seqs.batch)):
+            best = int(np.argmax(groups[b]))  # a group of 22 items: the k slots are its 10 lowest indices
+            assert top.items[b].tolist() == list(range(best, best + 3 * k, 3))
+            assert (top.scores[b] == top.scores[b, 0]).all()
+
+
+def test_one_copy_to_the_host_per_shard_without_ties(checkpoint, seqs, monkeypatch):
+    eng = engine(checkpoint, batch_tokens=40)
+    assert len(pack_by_tokens(seqs.batch.lengths, 40)) > 3
+    calls = []
+    real = TorchEngine._to_host
+    monkeypatch.setattr(TorchEngine, "_to_host", lambda self, *t: calls.append(len(t)) or real(self, *t))
+    eng.score(seqs.batch, 5, exclude_seen=True)
+    assert calls == [3]  # scores, items and the exact flags of every batch, together
+
+
+def test_empty_batch_and_zero_k(checkpoint, seqs):
+    empty = seqs.batch.select(slice(0, 0))
+    top = engine(checkpoint).score(empty, 5, True)
+    assert top.items.shape == (0, 5) and top.scores.shape == (0, 5)
+    top = engine(checkpoint).score(seqs.batch, 0, True)
+    assert top.items.shape == (len(seqs.batch), 0)
+
+
+def test_candidate_topk_flags_rows_whose_tie_may_run_past_the_candidates():
+    logits = torch.tensor([[5.0, 4.0, 3.0, 3.0, 3.0, 1.0, 0.0, 0.0],  # tie of 3 at the 3rd score
+                           [5.0, 4.0, 3.0, 2.0, 2.0, 1.0, 0.0, 0.0],  # no tie at the 3rd score
+                           [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0]])  # one tie over the whole row
+    full = torch.sort(logits, dim=1, descending=True, stable=True)
+    # exact needs a candidate below the k-th score: the tie of 3 at row 0 fits 5 candidates but only 6 prove it
+    for slack, want in [(0, [False, False, False]), (1, [False, True, False]), (2, [False, True, False]),
+                        (3, [True, True, False]), (5, [True, True, True])]:  # slack 5: all 8 are candidates
+        values, index, exact = candidate_topk(logits, 3, slack)
+        assert exact.tolist() == want
+        rows = torch.tensor(want)
+        assert torch.equal(index[rows], full.indices[rows, :3]) and torch.equal(values[rows], full.values[rows, :3])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_top_k_in_half_precision_selects_as_on_a_float32_copy(dtype):
+    rng = torch.Generator().manual_seed(1)
+    logits = (torch.randn(40, 500, generator=rng) * 3).to(dtype)  # coarse values: many ties
+    logits[:5, 100:] = float("-inf")
+    for k in (1, 7, 60, 450):
+        half_values, half_index = deterministic_topk(logits, k, slack=4)
+        values, index = legacy_topk(logits.float(), k)
+        assert torch.equal(half_index, index) and torch.equal(half_values.float(), values)
+
+
+def test_deterministic_topk_is_exact_for_any_slack():
+    rng = torch.Generator().manual_seed(0)
+    many = torch.randint(0, 4, (50, 30), generator=rng).float()
+    full = torch.sort(many, dim=1, descending=True, stable=True)
+    for slack in (0, 1, 2, 5, 100):
+        values, index = deterministic_topk(many, 7, slack)
+        assert torch.equal(index, full.indices[:, :7]) and torch.equal(values, full.values[:, :7])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_mask_seen_items_sets_exactly_the_seen_cells_and_keeps_every_other_bit(dtype):
+    item_offset, num_items = 10, 12
+    tokens = torch.tensor([3, 10, 15, 15, 1,  # user 0: items 0, 5 (twice)
+                           2, 4,  # user 1: no items
+                           21, 10, 21])  # user 3 (user 2 is empty): items 11, 0
+    offsets = torch.tensor([0, 5, 7, 7, 10])
+    rng = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, num_items, generator=rng).to(dtype)
+    logits[0, 1], logits[1, 0], logits[3, 3], logits[3, 0] = -0.0, float("inf"), -0.0, float("inf")
+    want = logits.clone()
+    for b, seen in enumerate([[0, 5], [], [], [11, 0]]):
+        want[b, seen] = float("-inf")
+    mask_seen_items(logits, tokens, offsets, item_offset)
+    bits = torch.int16 if dtype != torch.float32 else torch.int32
+    assert torch.equal(logits.view(bits), want.view(bits))

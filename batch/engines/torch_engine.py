@@ -1,6 +1,14 @@
-"""The native PyTorch engine: jagged batches packed by a token budget, exact top-K on the model's item head."""
+"""The native PyTorch engine: jagged batches packed by a token budget, exact top-K on the model's item head.
+
+The per-batch loop never waits for the GPU on its own account: a shard's tokens and offsets go to the device once
+(pinned, asynchronous), batches are views of them, every batch's top-K stays on the device and the whole shard's
+results come back in one copy at the end. (``MTGR.forward`` still reads the batch's longest sequence on the host,
+which is the one wait per batch left; it only waits for the previous batch's kernels.)
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -9,6 +17,11 @@ from batch.config import Device, TorchEngineConfig
 from batch.engines.base import TopK, UserBatch
 from batch.errors import ConfigError
 from batch.model import Checkpoint
+
+# Extra top-K candidates taken so that a tie at the K-th score is settled without a full sort (see candidate_topk).
+# In bf16 over ~1M items a tie at the K-th score is common (about K/20 items share one bf16 value there), so the
+# default is max(MIN_TIE_SLACK, K); a row whose tie runs past the slack falls back to a full sort at the end.
+MIN_TIE_SLACK = 64
 
 
 class TorchEngine:
@@ -22,6 +35,7 @@ class TorchEngine:
         self.model.embed.build_table()  # the cached embedding table must live on the new device and dtype
         self.item_offset = checkpoint.layout.item_offset
         self.num_items = checkpoint.config.num_items
+        self.tie_slack: int | None = None  # None: max(MIN_TIE_SLACK, k); tests set it small to force the fallback
 
     @torch.inference_mode()
     def score(self, batch: UserBatch, top_k: int, exclude_seen: bool) -> TopK:
@@ -29,25 +43,104 @@ class TorchEngine:
         k = min(top_k, self.num_items)
         items = np.full((len(batch), top_k), -1, dtype=np.int64)
         scores = np.full((len(batch), top_k), -np.inf, dtype=np.float32)
-        for start, stop in pack_by_tokens(batch.lengths, self.batch_tokens):
-            sub = batch.select(slice(start, stop))
-            tokens = torch.from_numpy(sub.tokens).to(self.device)
-            offsets = torch.from_numpy(sub.offsets).to(self.device)
-            hidden = self.model(tokens, offsets)
-            logits = self.model.item_logits(hidden[self.model.last_positions(offsets)]).float()
-            if exclude_seen:
-                mask_seen_items(logits, tokens, offsets, self.item_offset)
-            top_scores, top_items = deterministic_topk(logits, k)
-            items[start:stop, :k] = top_items.cpu().numpy()
-            scores[start:stop, :k] = top_scores.cpu().numpy()
+        ranges = pack_by_tokens(batch.lengths, self.batch_tokens)
+        if ranges and k > 0:
+            scores[:, :k], items[:, :k] = self._top_k(batch, ranges, k, exclude_seen)
         items[~np.isfinite(scores)] = -1  # fewer than k eligible items: leave the slot empty
         scores[items < 0] = -np.inf
         return TopK(items, scores)
+
+    def _top_k(self, batch: UserBatch, ranges: list[tuple[int, int]], k: int,
+               exclude_seen: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(scores float32, items int64), both (B, k), of every user in ``ranges`` order (all of ``batch``).
+
+        Ties: each batch takes ``k + slack`` candidates and knows on the device whether they settle its rows
+        exactly (candidate_topk). Rows they don't settle are fixed here at the end, after the one copy to the host,
+        by recomputing their batch's logits from the kept last-position hidden states: ``item_logits`` of the very
+        same (B_i, d) tensor, so the same GEMM shape and inputs give the same bits, and the same mask. This keeps
+        the loop free of a host sync for the tie check and costs nothing when no row needs it; a full-vocabulary
+        branch-free fix for every row (sorting or re-ranking [B, N] keys) would cost several extra passes per batch.
+        """
+        slack = max(MIN_TIE_SLACK, k) if self.tie_slack is None else self.tie_slack
+        host_offsets = np.asarray(batch.offsets)
+        tokens_all, tokens_host = self._to_device(batch.tokens)
+        offsets_all, offsets_host = self._to_device(batch.offsets)
+        kept: list[_Kept] = []
+        values, index, exact = [], [], []
+        for start, stop in ranges:
+            lo = int(host_offsets[start])
+            tokens = tokens_all[lo: int(host_offsets[stop])]  # views: no copy, no host round trip
+            offsets = offsets_all[start: stop + 1] - lo
+            hidden = self.model(tokens, offsets)
+            last = hidden[self.model.last_positions(offsets)]
+            del hidden
+            batch_values, batch_index, batch_exact = candidate_topk(self._logits(last, tokens, offsets, exclude_seen),
+                                                                    k, slack)
+            values.append(batch_values)
+            index.append(batch_index)
+            exact.append(batch_exact)
+            kept.append(_Kept(start, stop, tokens, offsets, last))
+        # bf16/fp16 -> float32 is exact and order preserving: converting only the k selected scores equals
+        # selecting on a float32 copy of the logits.
+        host_values, host_index, host_exact = self._to_host(torch.cat(values).float(), torch.cat(index),
+                                                            torch.cat(exact))
+        del tokens_host, offsets_host  # pinned sources: the copies are certainly done after the sync in _to_host
+        if not host_exact.all():
+            for part in kept:
+                rows = np.flatnonzero(~host_exact[part.start: part.stop])
+                if len(rows):
+                    logits = self._logits(part.last, part.tokens, part.offsets, exclude_seen)
+                    fixed = torch.sort(logits[torch.from_numpy(rows).to(self.device)], dim=1, descending=True,
+                                       stable=True)
+                    host_values[part.start + rows] = fixed.values[:, :k].float().cpu().numpy()
+                    host_index[part.start + rows] = fixed.indices[:, :k].cpu().numpy()
+        return host_values, host_index
+
+    def _logits(self, last: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor,
+                exclude_seen: bool) -> torch.Tensor:
+        """Item logits (B, num_items) in the model dtype, seen items at -inf when ``exclude_seen``."""
+        logits = self.model.item_logits(last)
+        if exclude_seen:
+            mask_seen_items(logits, tokens, offsets, self.item_offset)
+        return logits
+
+    def _to_device(self, array: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(device tensor, its pinned host source or None): on CUDA an asynchronous copy from pinned memory.
+
+        The caller keeps the pinned source alive until it has synchronised with the stream (the caching host
+        allocator would also hold the block until the copy is done, but we don't rely on that).
+        """
+        host = torch.from_numpy(array)
+        if self.device.type != "cuda":
+            return host.to(self.device), None
+        pinned = host.pin_memory()
+        return pinned.to(self.device, non_blocking=True), pinned
+
+    def _to_host(self, *tensors: torch.Tensor) -> list[np.ndarray]:
+        """NumPy copies of device tensors, with a single wait for the stream on CUDA."""
+        if self.device.type != "cuda":
+            return [t.numpy().copy() for t in tensors]
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        for h, t in zip(host, tensors):
+            h.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return [h.numpy().copy() for h in host]  # plain memory: pinned blocks go back to the allocator
 
     def close(self) -> None:
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+@dataclass
+class _Kept:
+    """What a batch's logits are recomputed from if a row's tie needs the full sort."""
+
+    start: int
+    stop: int
+    tokens: torch.Tensor
+    offsets: torch.Tensor
+    last: torch.Tensor  # the exact (B_i, d) input of item_logits
 
 
 def resolve_device(device: Device) -> torch.device:
@@ -73,21 +166,51 @@ def pack_by_tokens(lengths: np.ndarray, budget: int) -> list[tuple[int, int]]:
 
 
 def mask_seen_items(logits: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor, item_offset: int) -> None:
-    """Set ``logits[b, i] = -inf`` for every item token ``item_offset + i`` in user b's own sequence."""
-    user = torch.repeat_interleave(torch.arange(len(offsets) - 1, device=tokens.device), offsets.diff())
+    """Set ``logits[b, i] = -inf`` for every item token ``item_offset + i`` in user b's own sequence.
+
+    Without a host sync: no boolean indexing and a known output size. Every token takes part; an item token
+    lowers its cell to -inf, any other token "lowers" cell (b, 0) to +inf, which leaves it as it was, bit for bit.
+    A min is order independent, so concurrent updates of one cell give the same result on the GPU.
+    """
+    user = torch.repeat_interleave(torch.arange(len(offsets) - 1, device=tokens.device), offsets.diff(),
+                                   output_size=len(tokens))
     is_item = tokens >= item_offset
-    logits[user[is_item], tokens[is_item] - item_offset] = float("-inf")
+    column = torch.where(is_item, tokens - item_offset, 0)
+    src = torch.full(tokens.shape, float("inf"), dtype=logits.dtype, device=logits.device)
+    src.masked_fill_(is_item, float("-inf"))
+    logits.view(-1).scatter_reduce_(0, user * logits.shape[1] + column, src, reduce="amin")
 
 
-def deterministic_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of each row ordered by (score desc, index asc); ties at the k-th score go to lower indices."""
-    values, index = torch.topk(logits, k, dim=1)
-    order = index.argsort(dim=1)  # canonical order inside the selected set
+def candidate_topk(logits: torch.Tensor, k: int, slack: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, index) (B, k) ordered by (score desc, index asc) and ``exact`` (B,): rows where they are the true
+    top-k under that order (ties at the k-th score to lower indices). No host sync, in the logits' dtype.
+
+    Takes ``c = min(k + slack, N)`` candidates, the top-c of each row in any tie order. If the k-th candidate
+    score ``v`` is above the c-th ``w`` (or c = N), every item scoring >= v is among the candidates (topk keeps all
+    items above its smallest selected score), so sorting the candidates by (score desc, index asc) puts the true
+    top-k first. Otherwise the tie at v may reach past the candidates and the row needs a full sort.
+    """
+    c = min(k + slack, logits.shape[1])
+    values, index = torch.topk(logits, c, dim=1, sorted=False)
+    order = index.argsort(dim=1)  # canonical order inside the candidates: index asc (indices are distinct)...
     index, values = index.gather(1, order), values.gather(1, order)
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices  # ...then score desc, stable
     index, values = index.gather(1, order), values.gather(1, order)
-    tied = (logits >= values[:, -1:]).sum(dim=1) > k  # more candidates than slots at the k-th score
-    if tied.any():  # rare: settle those rows with a full stable sort
+    if c == logits.shape[1]:
+        exact = torch.ones(len(logits), dtype=torch.bool, device=logits.device)
+    else:
+        exact = values[:, k - 1] > values[:, c - 1]
+    return values[:, :k], index[:, :k], exact
+
+
+def deterministic_topk(logits: torch.Tensor, k: int, slack: int = MIN_TIE_SLACK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row ordered by (score desc, index asc); ties at the k-th score go to lower indices.
+
+    The one-call form of candidate_topk with the full-sort fallback applied at once (a host sync).
+    """
+    values, index, exact = candidate_topk(logits, k, slack)
+    if not bool(exact.all()):  # rare: settle those rows with a full stable sort
+        tied = ~exact
         full = torch.sort(logits[tied], dim=1, descending=True, stable=True)
         values[tied], index[tied] = full.values[:, :k], full.indices[:, :k]
     return values, index
