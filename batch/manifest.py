@@ -40,11 +40,15 @@ class RunStats:
         try:
             yield
         finally:
-            seconds, wall1 = time.perf_counter() - t0, time.time()
-            with self._lock:
-                self.seconds[name] += seconds
-                span = self.spans.setdefault(name, [wall0, wall1])
-                span[0], span[1] = min(span[0], wall0), max(span[1], wall1)
+            self.add_stage(name, wall0, time.time(), time.perf_counter() - t0)
+
+    def add_stage(self, name: str, start: float, end: float, seconds: float) -> None:
+        """Account ``seconds`` of stage ``name`` that ran from ``start`` to ``end`` (Unix seconds), e.g. in
+        another process."""
+        with self._lock:
+            self.seconds[name] += seconds
+            span = self.spans.setdefault(name, [start, end])
+            span[0], span[1] = min(span[0], start), max(span[1], end)
 
     def add_rows(self, row_counts: dict[str, Any]) -> None:
         """Counts from :func:`batch.events.count_rows`."""

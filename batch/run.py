@@ -10,8 +10,8 @@ import os
 import signal
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import hydra
 from hydra.utils import to_absolute_path
@@ -26,6 +26,7 @@ from batch.manifest import RunStats, build_manifest
 from batch.output import OutputWriter
 from batch.preset import open_checkpoint
 from batch.progress import ProgressLog
+from batch.reader import ShardReader
 from batch.sequences import SequenceBuilder, ShardSequences
 
 log = logging.getLogger("batch.run")
@@ -34,9 +35,10 @@ log = logging.getLogger("batch.run")
 def run_job(cfg: JobConfig) -> dict[str, Any]:
     """Score every user in the run window and publish the recommendations; returns the manifest.
 
-    Shards flow through three stages at once: while the engine scores shard i, a reader thread builds shard i+1
-    and a writer thread writes shard i-1, so the device does not wait on Polars or Parquet (at most three shards'
-    sequences are in memory). Shards are still written in order, so the output does not depend on the overlap.
+    Shards flow through three stages at once: while the engine scores shard i, a reader process builds shard i+1
+    (``batch.reader``) and a writer thread writes shard i-1, so the device does not wait on Polars or Parquet (at
+    most three shards' sequences are in memory). Shards are still written in order, so the output does not depend
+    on the overlap.
     """
     stats = RunStats()
     with stats.stage("load_checkpoint"):
@@ -50,14 +52,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         raise InputError(f"no usable rows in {cfg.data.path!r} for the window ending {cfg.data.run_date} "
                          f"({stats.counts['rows_read']} read, dropped: {stats.rows_dropped or 'none'})")
     builder = SequenceBuilder(ckpt, schema, cfg.data.max_seq_len)
-    engine = build_engine(cfg.engine, ckpt)
     num_shards = cfg.data.num_shards
-
-    def load(shard: int) -> ShardSequences:  # reader thread
-        with stats.stage("read"):
-            rows = source.collect(builder.shard_frame(source.frame, shard, num_shards))
-        with stats.stage("sequences"):
-            return builder.build(rows)
 
     def save(shard: int, seqs: ShardSequences, top: TopK, t0: float) -> None:  # writer thread
         with stats.stage("write"):
@@ -66,47 +61,33 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         stats.add_shard(seqs, recs.num_rows)
         progress.shard_done(shard, len(seqs.batch), seqs.events_used, time.perf_counter() - t0)
 
-    try:
-        # Exit order matters: the threads finish (or are cancelled) before the writer publishes or aborts.
-        with OutputWriter(cfg.output, run_date=cfg.data.run_date, model_version=ckpt.identity,
-                          checkpoint_hash=ckpt.content_hash) as writer, ProgressLog(num_shards) as progress, \
-                Pipeline() as pipe:
-            next_shard = pipe.read(load, 0)
-            written = None
-            for shard in range(num_shards):
-                t0 = time.perf_counter()
-                with stats.stage("wait_for_data"):
-                    seqs = next_shard.result()
-                if shard + 1 < num_shards:
-                    next_shard = pipe.read(load, shard + 1)
-                with stats.stage("score"):
-                    top = engine.score(seqs.batch, cfg.output.top_k, cfg.output.exclude_seen)
-                if written is not None:
-                    written.result()  # one shard in the writer at a time, and its errors surface here
-                written = pipe.write(save, shard, seqs, top, t0)
-            written.result()
-            return writer.publish(build_manifest(cfg, ckpt, source, stats))
-    finally:
-        engine.close()
-
-
-class Pipeline:
-    """One reader and one writer thread; on an error, work not yet started is cancelled before unwinding."""
-
-    def __enter__(self) -> "Pipeline":
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="mtgr-read")
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="mtgr-write")
-        return self
-
-    def read(self, fn: Callable[..., Any], *args: Any) -> Future:
-        return self._reader.submit(fn, *args)
-
-    def write(self, fn: Callable[..., Any], *args: Any) -> Future:
-        return self._writer.submit(fn, *args)
-
-    def __exit__(self, exc_type, *exc) -> None:
-        for pool in (self._reader, self._writer):
-            pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+    with ShardReader(source, builder, num_shards) as reader:
+        next_shard = reader.submit(0)  # built while the engine starts
+        with stats.stage("engine_start"):
+            engine = build_engine(cfg.engine, ckpt)
+        try:
+            # Exit order matters: the writer thread finishes before the output is published or aborted.
+            with OutputWriter(cfg.output, run_date=cfg.data.run_date, model_version=ckpt.identity,
+                              checkpoint_hash=ckpt.content_hash) as writer, ProgressLog(num_shards) as progress, \
+                    ThreadPoolExecutor(1, thread_name_prefix="mtgr-write") as writes:
+                written = None
+                for shard in range(num_shards):
+                    t0 = time.perf_counter()
+                    with stats.stage("wait_for_data"):
+                        built = next_shard.result()
+                    stats.add_stage("read", *built.read)
+                    stats.add_stage("sequences", *built.sequences)
+                    if shard + 1 < num_shards:
+                        next_shard = reader.submit(shard + 1)
+                    with stats.stage("score"):
+                        top = engine.score(built.seqs.batch, cfg.output.top_k, cfg.output.exclude_seen)
+                    if written is not None:
+                        written.result()  # one shard in the writer at a time, and its errors surface here
+                    written = writes.submit(save, shard, built.seqs, top, t0)
+                written.result()
+                return writer.publish(build_manifest(cfg, ckpt, source, stats))
+        finally:
+            engine.close()
 
 
 def absolute_paths(cfg: JobConfig) -> JobConfig:

@@ -90,7 +90,7 @@ class SequenceBuilder:
     """Builds the token sequences of a shard with the checkpoint's encoder and item vocabulary."""
 
     def __init__(self, checkpoint: Checkpoint, schema: EventSchema, max_seq_len: int | None = None):
-        self.checkpoint = checkpoint
+        self.items = checkpoint.items  # not the model: the builder is sent to the reader process
         self.schema = schema
         self.layout = checkpoint.layout
         model_max = checkpoint.config.max_seq_len
@@ -138,7 +138,7 @@ class SequenceBuilder:
             if len(dirty_users):
                 users_in = pl.concat([_take(rows, "user_id", order[starts]), dirty_users]).n_unique()
 
-        item_tokens = self.checkpoint.items.lookup(_gather_arrow(rows, "item_id", kept))
+        item_tokens = self.items.lookup(_gather_arrow(rows, "item_id", kept))
         last = order[ends - 1]  # the profile comes from each user's last event
         names = [p.name for p in self.layout.config.profile_features]
         profile = np.stack([_take(rows, p, last).fill_null(-1).to_numpy() for p in names], axis=1) \
@@ -229,7 +229,7 @@ class SequenceBuilder:
 
     def encode(self, events: pl.DataFrame, per_user: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, int]:
         """Flat, user-sorted events -> (tokens, token offsets, number of OOV items)."""
-        return encode_events(events, per_user, self.checkpoint.items, self.layout)
+        return encode_events(events, per_user, self.items, self.layout)
 
 
 def encode_events(events: pl.DataFrame, per_user: pl.DataFrame, items: ItemVocab,

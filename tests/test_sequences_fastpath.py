@@ -42,7 +42,7 @@ def reference_encode(layout: TokenLayout, ev: EventArrays, profile) -> tuple[np.
 
 def reference_build(builder: SequenceBuilder, rows: pl.DataFrame):
     """What build computes, the obvious way."""
-    schema, layout, items = builder.schema, builder.layout, builder.checkpoint.items
+    schema, layout, items = builder.schema, builder.layout, builder.items
     users_in = rows["user_id"].drop_nulls().n_unique()
     clean = rows.filter(pl.col(DROP_REASON).is_null()).drop(DROP_REASON).sort(builder.sort_keys, nulls_last=True)
     kept = clean.filter(pl.int_range(pl.len()).reverse().over("user_id") < builder.max_events)

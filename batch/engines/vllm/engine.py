@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,7 @@ from vllm.platforms import current_platform  # noqa: E402
 from . import compat  # noqa: E402
 
 WORKER_EXTENSION = "batch.engines.vllm.model.MTGRWorkerExtension"
+log = logging.getLogger("batch.engines.vllm")
 
 
 def engine_kwargs(cfg: VllmEngineConfig, checkpoint: Checkpoint, on_cpu: bool, num_gpus: int) -> dict[str, Any]:
@@ -90,14 +93,20 @@ class VllmEngine:
             return TopK(items, scores)
         if (batch.lengths <= 0).any():
             raise ValueError("every user needs at least one token")
+        t0 = time.perf_counter()
         offsets, tokens = batch.offsets.tolist(), batch.tokens
         prompts = [TokensPrompt(prompt_token_ids=tokens[a:b].tolist()) for a, b in zip(offsets, offsets[1:])]
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, detokenize=False)
-        for b, out in enumerate(self.llm.generate(prompts, params, use_tqdm=False)):
+        t1 = time.perf_counter()
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        t2 = time.perf_counter()
+        for b, out in enumerate(outputs):
             # K logprobs (+ the sampled token, which is the best one): output work does not grow with history.
             ranked = sorted(out.outputs[0].logprobs[0].items(), key=lambda t: (-t[1].logprob, t[0]))[:k]
             items[b, :len(ranked)] = [tok - self.item_offset for tok, _ in ranked]
             scores[b, :len(ranked)] = [lp.logprob for _, lp in ranked]
+        log.info("vllm: %d users, %d tokens: prompts %.2fs, generate %.2fs, results %.2fs", len(batch),
+                 len(tokens), t1 - t0, t2 - t1, time.perf_counter() - t2)
         items[~np.isfinite(scores)] = -1  # fewer than k eligible items: leave the slot empty
         scores[items < 0] = -np.inf
         return TopK(items, scores)
