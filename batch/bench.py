@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -214,10 +215,13 @@ def run_job(cfg: BenchConfig, name: str, overrides: list[str], events: Path, ckp
     base_mem = sampler.samples[-1][2] if sampler and sampler.samples else 0.0
     t0 = time.time()
     with open(logfile, "w") as f:
+        # A session of its own, so a timeout stops vLLM's engine core too (it would hold the GPU for later runs).
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                  timeout=cfg.run_timeout_s)
+            proc.wait(timeout=cfg.run_timeout_s)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             log.error("run %s stopped after %ss (run_timeout_s)", name, cfg.run_timeout_s)
             return None
     t1 = time.time()
