@@ -72,6 +72,10 @@ class VllmEngine:
         kwargs = engine_kwargs(cfg, checkpoint, on_cpu, num_gpus)
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cfg.cpu_omp_threads_bind)
+        # vLLM forks its engine core when CUDA is not yet initialised here, which is the case in the job. A fork
+        # copies a process whose Polars threads (the row-count scan) may hold allocator locks, and on an H100 the
+        # forked engine core hung in model loading. Spawn starts it clean.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         self.max_logprobs = cfg.max_logprobs
         self.item_offset = checkpoint.layout.item_offset
         self.num_items = checkpoint.config.num_items
