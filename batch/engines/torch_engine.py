@@ -71,7 +71,8 @@ class TorchEngine:
             lo = int(host_offsets[start])
             tokens = tokens_all[lo: int(host_offsets[stop])]  # views: no copy, no host round trip
             offsets = offsets_all[start: stop + 1] - lo
-            hidden = self.model(tokens, offsets)
+            longest = int(np.diff(host_offsets[start: stop + 1]).max())  # from the host: no device sync
+            hidden = self.model(tokens, offsets, max_len=longest)
             last = hidden[self.model.last_positions(offsets)]
             del hidden
             batch_values, batch_index, batch_exact = candidate_topk(self._logits(last, tokens, offsets, exclude_seen),

@@ -160,9 +160,12 @@ class MTGR(nn.Module):
             x = layer(x, groups, lambda q, k, v, bias, i=i: attend(i, q, k, v, bias))
         return self.final_norm(x)
 
-    def forward(self, tokens: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Hidden states (T, d_model) of a jagged batch: sequence b is ``tokens[offsets[b]:offsets[b+1]]``."""
-        max_len = int((offsets[1:] - offsets[:-1]).max()) if len(offsets) > 1 else 0
+    def forward(self, tokens: torch.Tensor, offsets: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+        """Hidden states (T, d_model) of a jagged batch: sequence b is ``tokens[offsets[b]:offsets[b+1]]``.
+
+        ``max_len`` (the longest sequence) may be passed by a caller that knows it, which saves a device sync."""
+        if max_len is None:
+            max_len = int((offsets[1:] - offsets[:-1]).max()) if len(offsets) > 1 else 0
         if max_len > self.config.max_seq_len:
             raise ValueError(f"sequence of {max_len} tokens exceeds max_seq_len {self.config.max_seq_len}")
 
