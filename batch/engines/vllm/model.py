@@ -59,8 +59,12 @@ class MTGRForItemScoring(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(N, vocab_size): item logits in the item columns, -inf elsewhere and on seen items."""
-        logits = hidden_states.new_full((hidden_states.shape[0], self.vocab_size), float("-inf"))
-        logits[:, self.item_offset:] = self.mtgr.item_logits(hidden_states)
+        # One (N, vocab) buffer: the item scores are written straight into its item columns (a strided output
+        # that BLAS takes as is), so the head needs no second (N, num_items) tensor; at 1M items vLLM's warm-up
+        # asks for ~1,000 rows at once.
+        logits = hidden_states.new_empty((hidden_states.shape[0], self.vocab_size))
+        logits[:, :self.item_offset] = float("-inf")
+        torch.mm(hidden_states, self.mtgr.embed.item.weight.t(), out=logits[:, self.item_offset:])
         step, self._step = self._step, None
         if step is not None and self.exclude_seen and self.seen.ids is not None:
             # Row r is request r of this step (padded requests, if any, come last and have no row).
