@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from batch.config import Device, TorchEngineConfig
@@ -36,6 +37,16 @@ class TorchEngine:
         self.item_offset = checkpoint.layout.item_offset
         self.num_items = checkpoint.config.num_items
         self.tie_slack: int | None = None  # None: max(MIN_TIE_SLACK, k); tests set it small to force the fallback
+        self.warm_up(checkpoint.config.max_seq_len)
+
+    def warm_up(self, max_seq_len: int) -> None:
+        """Score two dummy users once, so that Triton's kernel compilation and the first CUDA allocations happen
+        while the engine starts and not inside the first shard (see bench/RESULTS.md, issue 6: the H100 runs
+        point to several seconds of such one-time work per run)."""
+        lengths = [min(max_seq_len, 64), min(max_seq_len, 33)]
+        tokens = self.item_offset + np.arange(sum(lengths), dtype=np.int64) % self.num_items
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.score(UserBatch(pa.array([0, 1], pa.int64()), tokens, offsets), min(10, self.num_items), True)
 
     @torch.inference_mode()
     def score(self, batch: UserBatch, top_k: int, exclude_seen: bool) -> TopK:
