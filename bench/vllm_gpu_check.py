@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from batch.config import Device, DType, TorchEngineConfig, VllmEngineConfig  # noqa: E402
 from batch.engines.base import TopK, UserBatch  # noqa: E402
 from batch.engines.torch_engine import TorchEngine  # noqa: E402
-from batch.model import MTGR, ItemVocab, MTGRConfig, ProfileFeature, TokenLayout, load_checkpoint  # noqa: E402
-from batch.model import save_checkpoint  # noqa: E402
+from batch.model import MTGRConfig, ProfileFeature, TokenLayout, load_checkpoint  # noqa: E402
+from batch.bench import random_checkpoint  # noqa: E402
 
 TINY = dict(d_model=64, num_layers=2, num_heads=2, max_seq_len=1024, num_items=1500, num_categories=31,
             feature_dim=16, profile_features=[ProfileFeature("age_group", 7)])
@@ -44,19 +44,8 @@ HIGH_THROUGHPUT = dict(gpu_memory_utilization=0.95, max_num_batched_tokens=8192,
 
 
 def make_checkpoint(path: Path, arch: dict, seed: int = 0) -> Path:
-    """A random-weight checkpoint; item embeddings scaled up so next-item scores are well separated."""
-    torch.manual_seed(seed)
-    cfg = MTGRConfig(**arch, model_version=f"random-{seed}")
-    model = MTGR(cfg)
-    with torch.no_grad():
-        model.embed.item.weight.mul_(4.0)
-        for layer in model.layers:
-            layer.rel_bias.normal_(0, 0.5)
-    rng = np.random.default_rng(seed)
-    items = ItemVocab(pa.array(np.arange(cfg.num_items, dtype=np.int64)),
-                      rng.integers(1, cfg.num_categories + 1, cfg.num_items), TokenLayout(cfg).item_offset)
-    save_checkpoint(str(path), model, items)
-    return path
+    """A random-weight checkpoint of ``arch`` (see batch.bench.random_checkpoint)."""
+    return random_checkpoint(path, MTGRConfig(**arch, model_version=f"random-{seed}"), seed)
 
 
 def synthetic_users(layout: TokenLayout, num_items: int, num_users: int, max_len: int, median_events: float,
