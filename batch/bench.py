@@ -304,7 +304,8 @@ def bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     ckpt = random_checkpoint(work / f"checkpoint-{cfg.preset}", model_cfg, cfg.seed)
     log.info("checkpoint: %s (%.0fs)", ckpt, time.perf_counter() - t0)
     lay = TokenLayout(model_cfg)
-    lengths = lay.prefix_len + 2 * np.minimum(events, lay.max_events(model_cfg.max_seq_len))
+    used = np.minimum(events, lay.max_events(model_cfg.max_seq_len))  # the job keeps each user's last events
+    events_used, lengths = int(used.sum()), lay.prefix_len + 2 * used
 
     device, commit = device_name(), git_commit()
     command = "python -m batch.bench " + shlex.join(sys.argv[1:])
@@ -340,9 +341,8 @@ def bench(cfg: BenchConfig) -> list[dict[str, Any]]:
             if m is None:
                 record(f"{shape}; run {name}: {' '.join(overrides)}", "timed_out", float(cfg.run_timeout_s), "s")
                 continue
-            if m["events"]["used"] != int(lengths.sum() - lay.prefix_len * len(lengths)) // 2:
-                raise SystemExit(f"bench: run {name!r} used {m['events']['used']} events, expected "
-                                 f"{int(lengths.sum() - lay.prefix_len * len(lengths)) // 2}")
+            if m["events"]["used"] != events_used:
+                raise SystemExit(f"bench: run {name!r} used {m['events']['used']} events, expected {events_used}")
             s = summaries[name] = summarise(m, lengths, model_cfg, peak)
             for metric, value in s.items():
                 record(f"{shape}; run {name}: {' '.join(overrides)}", metric, value,

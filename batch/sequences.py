@@ -178,10 +178,6 @@ class SequenceBuilder:
             kept_flags, _gather(rows.get_column("watch_percentage"), kept, fill=np.nan, dtype=pl.Float64),
             _gather(rows.get_column("watch_duration"), kept, fill=np.nan, dtype=pl.Float64))
 
-    def time_order(self, events: pl.DataFrame) -> pl.DataFrame:
-        """Rows sorted by ``sort_keys`` (nulls last), like ``events.sort(self.sort_keys, nulls_last=True)``."""
-        return events.select(pl.all().gather(self.row_order(events)[0]))
-
     def row_order(self, rows: pl.DataFrame, row_ids: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Row numbers ``row_ids`` (default: all; user, timestamp and item must be non-null there) sorted by
@@ -226,10 +222,6 @@ class SequenceBuilder:
         else:
             times = _gather(rows.get_column("timestamp"), ids).astype(np.int64)
         return ids, starts, times
-
-    def encode(self, events: pl.DataFrame, per_user: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, int]:
-        """Flat, user-sorted events -> (tokens, token offsets, number of OOV items)."""
-        return encode_events(events, per_user, self.items, self.layout)
 
 
 def encode_events(events: pl.DataFrame, per_user: pl.DataFrame, items: ItemVocab,

@@ -132,7 +132,7 @@ def test_max_seq_len_above_the_checkpoints_is_refused(checkpoint, schema):
         SequenceBuilder(checkpoint, schema, checkpoint.config.max_seq_len + 1)
 
 
-def test_time_order_equals_a_full_sort_on_every_key(checkpoint, schema):
+def test_row_order_equals_a_full_sort_on_every_key(checkpoint, schema):
     rng = np.random.default_rng(7)
     n = 3000  # few users, instants and items: most rows tie on (user, time, item)
     frame = make_events(num_users=1, unknown_items=False).head(1).sample(n, with_replacement=True, seed=1)
@@ -143,4 +143,5 @@ def test_time_order_equals_a_full_sort_on_every_key(checkpoint, schema):
         watch_percentage=pl.Series(np.where(rng.random(n) < 0.1, np.nan, rng.integers(0, 3, n) / 2)))
     builder = SequenceBuilder(checkpoint, schema)
     events = normalize(frame.lazy(), schema).collect().drop("drop_reason")
-    assert builder.time_order(events).equals(events.sort(builder.sort_keys, nulls_last=True))
+    order = builder.row_order(events)[0]
+    assert events.select(pl.all().gather(order)).equals(events.sort(builder.sort_keys, nulls_last=True))
