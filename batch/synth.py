@@ -97,3 +97,27 @@ def _events(rng: np.random.Generator, ids: np.ndarray, lengths: np.ndarray, spec
         "category": pa.array((items % 1000 + 1).astype(np.int32)),
         "age_group": pa.array(rng.integers(0, 7, len(ids)).astype(np.int8)[owner]),
     })
+
+
+def token_batch(layout, num_items: int, events: np.ndarray, seed: int):
+    """Token sequences ready for an engine, one per entry of ``events`` (events per user, already capped to the
+    model's length): [profile tokens] + [item, action] per event, items drawn as in the log (power law).
+
+    For engine-level benchmarks that skip the Polars stage; returns a ``batch.engines.base.UserBatch``."""
+    from batch.engines.base import UserBatch
+
+    rng = np.random.default_rng([seed, 2])
+    p = layout.prefix_len
+    lengths = p + 2 * np.asarray(events, dtype=np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(lengths)
+    slot = np.arange(int(offsets[-1])) - np.repeat(offsets[:-1], lengths)  # position inside the user
+    is_profile = slot < p
+    n_ev = int((~is_profile).sum())
+    tokens = np.empty(len(slot), dtype=np.int64)
+    tokens[is_profile] = layout.profile_offset + rng.integers(0, max(layout.num_profile_tokens_total, 1),
+                                                              int(is_profile.sum()))
+    items = np.minimum((num_items * rng.random(n_ev) ** 3).astype(np.int64), num_items - 1)
+    tokens[~is_profile] = np.where((slot[~is_profile] - p) % 2 == 0, layout.item_offset + items,
+                                   layout.action_offset + rng.integers(0, layout.num_action_tokens, n_ev))
+    return UserBatch(pa.array(np.arange(len(lengths), dtype=np.int64)), tokens, offsets)
