@@ -94,6 +94,7 @@ def loss_fn(model: MTGR, hidden: torch.Tensor, labels: torch.Tensor, cfg: TrainC
     if cfg.loss == Loss.full:
         return F.cross_entropy(model.item_logits(hidden), labels)
     items = model.embed.item.weight
+    hidden = model.final_norm(hidden)  # as item_logits does
     negatives = torch.randint(0, items.shape[0], (cfg.num_negatives,), device=hidden.device)
     pos = (hidden * items[labels]).sum(-1, keepdim=True)
     neg = hidden @ items[negatives].t()

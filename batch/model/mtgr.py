@@ -154,14 +154,16 @@ class MTGR(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.d_model)
 
     def encode(self, tokens: torch.Tensor, attend: Attend) -> torch.Tensor:
-        """Hidden states (T, d_model) of flat tokens; ``attend`` supplies the attention per layer."""
+        """Hidden states (T, d_model) of flat tokens, before the final norm (``item_logits`` applies it to the
+        rows it scores); ``attend`` supplies the attention per layer."""
         x, groups = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, groups, lambda q, k, v, bias, i=i: attend(i, q, k, v, bias))
-        return self.final_norm(x)
+        return x
 
     def forward(self, tokens: torch.Tensor, offsets: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
-        """Hidden states (T, d_model) of a jagged batch: sequence b is ``tokens[offsets[b]:offsets[b+1]]``.
+        """Hidden states (T, d_model) of a jagged batch (see ``encode``): sequence b is
+        ``tokens[offsets[b]:offsets[b+1]]``.
 
         ``max_len`` (the longest sequence) may be passed by a caller that knows it, which saves a device sync."""
         if max_len is None:
@@ -176,8 +178,10 @@ class MTGR(nn.Module):
         return self.encode(tokens, attend)
 
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-item scores (N, num_items) of hidden states; column i is item token ``item_offset + i``."""
-        return hidden @ self.embed.item.weight.t()
+        """Next-item scores (N, num_items) of hidden states from ``forward``: the final norm, then the item head
+        (tied item embeddings); column i is item token ``item_offset + i``. Scoring normalises only the rows it
+        scores (one per user), not every position."""
+        return self.final_norm(hidden) @ self.embed.item.weight.t()
 
     @staticmethod
     def last_positions(offsets: torch.Tensor) -> torch.Tensor:

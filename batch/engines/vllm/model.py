@@ -55,7 +55,7 @@ class MTGRForItemScoring(nn.Module):
         for layer, attn in zip(self.mtgr.layers, self.attn):
             # The backend reads the bias from ``attn.rel_bias_table`` (the same table, built after loading).
             x = layer(x, groups, lambda q, k, v, rel_bias, attn=attn: attn(q, k, v))
-        return self.mtgr.final_norm(x)
+        return x  # before the final norm, which compute_logits applies to the scored rows only
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(N, vocab_size): item logits in the item columns, -inf elsewhere and on seen items."""
@@ -64,7 +64,7 @@ class MTGRForItemScoring(nn.Module):
         # asks for ~1,000 rows at once.
         logits = hidden_states.new_empty((hidden_states.shape[0], self.vocab_size))
         logits[:, :self.item_offset] = float("-inf")
-        torch.mm(hidden_states, self.mtgr.embed.item.weight.t(), out=logits[:, self.item_offset:])
+        torch.mm(self.mtgr.final_norm(hidden_states), self.mtgr.embed.item.weight.t(), out=logits[:, self.item_offset:])
         step, self._step = self._step, None
         if step is not None and self.exclude_seen and self.seen.ids is not None:
             # Row r is request r of this step (padded requests, if any, come last and have no row).
