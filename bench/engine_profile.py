@@ -83,6 +83,23 @@ def build(engine: str, ckpt, args):
     return VllmEngine(cfg, ckpt)
 
 
+def host_profile(engine, users, top_k: int, lines: int = 40) -> None:
+    """Where the host's time goes while ``users`` are scored (vLLM's engine core runs in this thread)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    engine.score(users, top_k, True)
+    sync()
+    prof.disable()
+    for key in ("tottime", "cumulative"):
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats(key).print_stats(lines)
+        print(f"\n-- cProfile by {key}\n" + "\n".join(out.getvalue().splitlines()[6:]), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="dlrmv3")
@@ -95,6 +112,7 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=65536, help="torch batch_tokens / vLLM max_num_batched_tokens")
     ap.add_argument("--vllm", nargs="*", default=[], help="VllmEngineConfig overrides key=value")
     ap.add_argument("--top-k", type=int, default=100)
+    ap.add_argument("--cprofile", action="store_true", help="also run the profiled users under cProfile (host time)")
     ap.add_argument("--work", default="/tmp/mtgr-engine-profile")
     ap.add_argument("--results", default="bench/results.jsonl")
     ap.add_argument("--label", default="")
@@ -164,6 +182,8 @@ def main() -> None:
         for k, ms in sorted(times.items(), key=lambda t: -t[1])[:30]:
             print(f"  {k[:100]:100s} {ms:9.2f} {ms / busy:6.1%}")
         print(flush=True)
+        if a.cprofile:
+            host_profile(engine, sub, a.top_k)
         engine.close()
         del engine
         gc.collect()
