@@ -100,7 +100,9 @@ class VllmEngine:
         t0 = time.perf_counter()
         offsets, tokens = batch.offsets.tolist(), batch.tokens
         prompts = [TokensPrompt(prompt_token_ids=tokens[a:b].tolist()) for a, b in zip(offsets, offsets[1:])]
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, detokenize=False)
+        # skip_clone: vLLM otherwise deep-copies the parameters for every request, which took ~0.14 ms per user
+        # on the H100 host (a seventh of vLLM's host time per user); every request shares them unchanged.
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, detokenize=False, skip_clone=True)
         t1 = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         t2 = time.perf_counter()
