@@ -5,7 +5,9 @@ tiles, longest users first and each user's tiles side by side (see build_work_li
 one launch without idle programs. Each row sees at most two key intervals (see reference.py): interval 1 = [0, hi_i)
 is walked as unmasked blocks (keys every row of the tile sees) and then masked blocks; interval 2 (a candidate
 row's own key) gets its own short masked loop. A new mask only has to say, per row, where its intervals start and
-end. With a relative-position bias, blocks farther than R - 1 from every row of the tile use one scalar bias.
+end. With a relative-position bias, blocks farther than R - 1 from every row of the tile use one scalar bias; nearer
+blocks load their (BLOCK_M, BLOCK_N) bias tile from a small table built per call (near_bias_tiles): tiles and key
+blocks start at multiples of the block sizes, so the tile depends only on the head and the tile-to-block offset.
 """
 from __future__ import annotations
 
@@ -71,10 +73,17 @@ def _silu_scaled(qk, alpha, b, SILU: tl.constexpr):
 
 
 @triton.jit
-def _attend(acc, q, k_ptrs, v_ptrs, cols, rows, key_end, lo, hi, bias_ptr, R, b_far, alpha,
+def _near_tile(tiles_h, o, o_lo, NT, STEP: tl.constexpr, TILE: tl.constexpr):
+    """Start of the bias tile for query-tile-minus-key-block offset o (a multiple of STEP). Offsets past either end
+    of the table clamp to its end tiles, which hold rel_bias[R - 1] throughout, as every such block does."""
+    return tiles_h + tl.minimum(tl.maximum((o - o_lo) // STEP, 0), NT - 1) * TILE
+
+
+@triton.jit
+def _attend(acc, q, k_ptrs, v_ptrs, cols, rows, key_end, lo, hi, b_tile, b_scalar, alpha,
             MASK: tl.constexpr, BIAS: tl.constexpr, SILU: tl.constexpr, PREC: tl.constexpr):
     """acc += silu(alpha * q k^T + bias) * [lo <= col < hi] @ v for one block of keys (cols).
-    BIAS 0: none; 1: the scalar b_far (every |i - j| >= R - 1 in this block); 2: gather rel_bias[|i - j|]."""
+    BIAS 0: none; 1: the scalar b_scalar for every score of the block; 2: the (BLOCK_M, BLOCK_N) tile at b_tile."""
     if MASK:
         ok = cols < key_end
         k = tl.load(k_ptrs, mask=ok[:, None], other=0.0)
@@ -83,10 +92,12 @@ def _attend(acc, q, k_ptrs, v_ptrs, cols, rows, key_end, lo, hi, bias_ptr, R, b_
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-    if BIAS == 2:
-        b = tl.load(bias_ptr + tl.minimum(tl.abs(rows[:, None] - cols[None, :]), R - 1))
+    if BIAS == 2:  # a contiguous, L2-resident tile: far cheaper than gathering rel_bias[|i - j|] per score
+        BM: tl.constexpr = rows.shape[0]
+        BN: tl.constexpr = cols.shape[0]
+        b = tl.load(b_tile + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :])
     elif BIAS == 1:
-        b = b_far
+        b = b_scalar
     else:
         b = 0.0
     p = _silu_scaled(qk, alpha, b, SILU)
@@ -97,9 +108,9 @@ def _attend(acc, q, k_ptrs, v_ptrs, cols, rows, key_end, lo, hi, bias_ptr, R, b_
 
 
 @triton.jit
-def _hstu_jagged_fwd(Q, K, V, O, offsets, work, prefix_lens, num_cands, bias,
+def _hstu_jagged_fwd(Q, K, V, O, offsets, work, prefix_lens, num_cands, bias, tiles,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                     alpha, R, H,
+                     alpha, R, H, o_lo, NT,
                      HAS_PREFIX: tl.constexpr, HAS_CANDS: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BIAS_NEAR: tl.constexpr,
                      NORM_LENGTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
@@ -130,6 +141,9 @@ def _hstu_jagged_fwd(Q, K, V, O, offsets, work, prefix_lens, num_cands, bias,
     k_ptrs = K + (start + offs_n)[:, None] * stride_kt + h * stride_kh + offs_d[None, :]
     v_ptrs = V + (start + offs_n)[:, None] * stride_vt + h * stride_vh + offs_d[None, :]
     bias_h = bias + h * R
+    TILE: tl.constexpr = BLOCK_M * BLOCK_N
+    STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N  # m0 - n0 is always a multiple of it
+    tiles_h = tiles + h * NT * TILE
 
     # Interval 1: [0, hi_i), hi_i = min(max(i + 1, P), hist); nondecreasing in i.
     hi = tl.minimum(tl.maximum(rows + 1, P), hist)
@@ -140,30 +154,34 @@ def _hstu_jagged_fwd(Q, K, V, O, offsets, work, prefix_lens, num_cands, bias,
     # Triton was imported without TRITON_INTERPRET (tl.zeros is itself a jit function)
     acc = tl.full([BLOCK_M, D], 0.0, tl.float32)
     if HAS_BIAS:
-        # Key blocks at distance >= R - 1 from every row of the tile all get rel_bias[R - 1]: no gather there.
+        # Key blocks at distance >= R - 1 from every row of the tile all get rel_bias[R - 1]: one scalar.
         far_end = tl.minimum(tl.maximum((m0 - R + 2) // BLOCK_N, 0) * BLOCK_N, full_end)
         b_far = tl.load(bias_h + R - 1)
+        b_diag = tl.load(bias_h)
         for n0 in range(0, far_end, BLOCK_N):
             acc = _attend(acc, q, k_ptrs + n0 * stride_kt, v_ptrs + n0 * stride_vt, n0 + offs_n, rows, L, zero, hi,
-                          bias_h, R, b_far, alpha, False, 1, SILU, PREC)
+                          tiles_h, b_far, alpha, False, 1, SILU, PREC)
     else:
         far_end = 0
-        b_far = 0.0
+        b_diag = 0.0
+    # Near blocks. A masked block can lie beyond the tile table (a long prefix ahead of the tile, the history end
+    # far behind a tile of candidates): _near_tile clamps it to an end tile, all rel_bias[R - 1], which is exact.
     for n0 in range(far_end, full_end, BLOCK_N):
         acc = _attend(acc, q, k_ptrs + n0 * stride_kt, v_ptrs + n0 * stride_vt, n0 + offs_n, rows, L, zero, hi,
-                      bias_h, R, b_far, alpha, False, BIAS_NEAR, SILU, PREC)
+                      _near_tile(tiles_h, m0 - n0, o_lo, NT, STEP, TILE), 0.0, alpha, False, BIAS_NEAR, SILU, PREC)
     for n0 in range(full_end, tile_end, BLOCK_N):
         acc = _attend(acc, q, k_ptrs + n0 * stride_kt, v_ptrs + n0 * stride_vt, n0 + offs_n, rows, L, zero, hi,
-                      bias_h, R, b_far, alpha, True, BIAS_NEAR, SILU, PREC)
+                      _near_tile(tiles_h, m0 - n0, o_lo, NT, STEP, TILE), 0.0, alpha, True, BIAS_NEAR, SILU, PREC)
     n_vis = hi
     if HAS_CANDS:
-        # Interval 2: a candidate row (i >= hist) also sees [i, i + 1).
+        # Interval 2: a candidate row (i >= hist) also sees [i, i + 1), at distance 0: bias rel_bias[0] (these
+        # blocks start at hist, not at a multiple of BLOCK_N, so they could not use the tiles).
         is_cand = rows >= hist
         lo2 = rows
         hi2 = tl.where(is_cand, rows + 1, rows)
         for n0 in range(tl.maximum(m0, hist), last + 1, BLOCK_N):
             acc = _attend(acc, q, k_ptrs + n0 * stride_kt, v_ptrs + n0 * stride_vt, n0 + offs_n, rows, L, lo2, hi2,
-                          bias_h, R, b_far, alpha, True, BIAS_NEAR, SILU, PREC)
+                          tiles_h, b_diag, alpha, True, HAS_BIAS, SILU, PREC)  # BIAS 1 (the scalar) or 0
         n_vis = hi + is_cand.to(tl.int32)
 
     if NORM_LENGTH:
@@ -215,6 +233,34 @@ def _cached_work(tensors: tuple, params: tuple, make) -> torch.Tensor:
     return work
 
 
+_TILE_DIST: dict = {}  # (R, block_m, block_n, device) -> (distance index of every tile, o_lo)
+
+
+def near_bias_tiles(bias: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.Tensor, int]:
+    """(tiles, o_lo): tiles[h, t] (block_m, block_n) = bias[h, min(|o + r - c|, R - 1)] at row r, column c, for
+    every tile-to-block offset o = o_lo + t * step, step = min(block_m, block_n).
+
+    A query tile starting at row m0 and a key block at column n0 (multiples of block_m, block_n) have o = m0 - n0, a
+    multiple of step. The table runs from the last offset whose tile is all bias[R - 1] below the diagonal to the
+    first such above it, so an offset outside it may be clamped to an end tile. bias: (H, R) float32, contiguous.
+    """
+    H, R = bias.shape
+    key = (R, block_m, block_n, str(bias.device))
+    hit = _TILE_DIST.get(key)
+    if hit is None:
+        step = min(block_m, block_n)
+        o_lo = (-(R + block_m - 2) // step) * step  # o <= -(R + block_m - 2): every o + r - c <= -(R - 1)
+        o_hi = -(-(R + block_n - 2) // step) * step  # o >= R + block_n - 2: every o + r - c >= R - 1
+        dev = bias.device
+        o = torch.arange(o_lo, o_hi + 1, step, device=dev)
+        d = o[:, None, None] + torch.arange(block_m, device=dev)[:, None] - torch.arange(block_n, device=dev)
+        hit = (d.abs().clamp(max=R - 1), o_lo)
+        if not (bias.is_cuda and torch.cuda.is_current_stream_capturing()):  # captured: filled only on replay
+            _TILE_DIST[key] = hit
+    dist, o_lo = hit
+    return bias[:, dist], o_lo
+
+
 def hstu_attention_triton(q, k, v, offsets, *, alpha: float, prefix_lens=None, num_candidates=None, rel_bias=None,
                           norm: str = "visible", config=None, work=None) -> torch.Tensor:
     """Launch the jagged kernel. Inputs are validated by kernels.hstu_attention."""
@@ -231,13 +277,14 @@ def hstu_attention_triton(q, k, v, offsets, *, alpha: float, prefix_lens=None, n
     dummy = offsets
     bias = rel_bias.to(torch.float32).contiguous() if rel_bias is not None else q.new_zeros(1, dtype=torch.float32)
     R = bias.shape[-1] if rel_bias is not None else 1
+    tiles, o_lo = near_bias_tiles(bias, BM, BN) if rel_bias is not None else (bias, 0)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (work.shape[0] * H,)
     _hstu_jagged_fwd[grid](
         q, k, v, out, offsets, work,
         prefix_lens if prefix_lens is not None else dummy, num_candidates if num_candidates is not None else dummy,
-        bias, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
-        out.stride(1), float(alpha), R, H,
+        bias, tiles, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+        out.stride(1), float(alpha), R, H, o_lo, tiles.shape[1] if rel_bias is not None else 1,
         HAS_PREFIX=prefix_lens is not None, HAS_CANDS=num_candidates is not None, HAS_BIAS=rel_bias is not None,
         BIAS_NEAR=2 if rel_bias is not None else 0,
         NORM_LENGTH=norm == "length", BLOCK_M=BM, BLOCK_N=BN, D=D, SILU=silu_mode(q.dtype), PREC=prec,

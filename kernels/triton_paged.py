@@ -3,7 +3,9 @@ K/V read through the block table. Causal: a row at absolute position p sees cont
 
 The structure follows triton_jagged: tiles of BLOCK_M query rows, longest first; unmasked key blocks below the
 tile's first row, masked blocks on the diagonal. When the page size is a multiple of BLOCK_N a key block lies in one
-page (one block-table read per block); otherwise each key's page is gathered.
+page (one block-table read per block); otherwise each key's page is gathered. A relative-position bias near the
+diagonal comes from triton_jagged's precomputed tiles when the tile's first absolute position is a multiple of
+min(BLOCK_M, BLOCK_N) (always in a full prefill); otherwise (chunked prefill) it is gathered per score.
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_jagged import _cached_work, _silu_scaled, build_work_list, pick_config, silu_mode
+from .triton_jagged import (_cached_work, _near_tile, _silu_scaled, build_work_list, near_bias_tiles,
+                            pick_config, silu_mode)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim when they differ from the jagged kernel's; picked on an
 # H100 by `python -m kernels.bench --sweep --sweep-kernels paged` at page size 64. A page size that is a multiple of
@@ -22,8 +25,10 @@ CONFIGS: dict[int, tuple[int, int, int, int]] = {128: (64, 64, 4, 4), 256: (128,
 
 @triton.jit
 def _paged_attend(acc, q, KV, bt_row, n0, offs_n, offs_d, rows_pos, key_end, h, stride_cb, stride_ch, stride_cs,
-                  bias_ptr, R, b_far, alpha, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                  MASK: tl.constexpr, BIAS: tl.constexpr, SILU: tl.constexpr, PREC: tl.constexpr):
+                  bias_ptr, R, b_far, b_tile, tiled, alpha, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  D: tl.constexpr, MASK: tl.constexpr, BIAS: tl.constexpr, SILU: tl.constexpr, PREC: tl.constexpr):
+    """BIAS 0: none; 1: the scalar b_far; 2: the tile at b_tile if tiled (see triton_jagged._attend), else gather
+    rel_bias[min(|i - j|, R - 1)] per score."""
     cols = n0 + offs_n
     if PAGE % BLOCK_N == 0:
         blk = tl.load(bt_row + n0 // PAGE).to(tl.int64)
@@ -44,7 +49,11 @@ def _paged_attend(acc, q, KV, bt_row, n0, offs_n, offs_d, rows_pos, key_end, h, 
         v = tl.load(k_ptrs + D)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)
     if BIAS == 2:
-        b = tl.load(bias_ptr + tl.minimum(tl.abs(rows_pos[:, None] - cols[None, :]), R - 1))
+        if tiled:
+            BM: tl.constexpr = rows_pos.shape[0]
+            b = tl.load(b_tile + tl.arange(0, BM)[:, None] * BLOCK_N + offs_n[None, :])
+        else:
+            b = tl.load(bias_ptr + tl.minimum(tl.abs(rows_pos[:, None] - cols[None, :]), R - 1))
     elif BIAS == 1:
         b = b_far
     else:
@@ -56,9 +65,9 @@ def _paged_attend(acc, q, KV, bt_row, n0, offs_n, offs_d, rows_pos, key_end, h, 
 
 
 @triton.jit
-def _hstu_paged_fwd(Q, KV, O, query_start_loc, seq_lens, block_table, work, bias,
+def _hstu_paged_fwd(Q, KV, O, query_start_loc, seq_lens, block_table, work, bias, tiles,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ch, stride_cs, stride_bt,
-                    alpha, R, H,
+                    alpha, R, H, o_lo, NT,
                     PAGE: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_NEAR: tl.constexpr,
                     NORM_LENGTH: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
@@ -85,6 +94,11 @@ def _hstu_paged_fwd(Q, KV, O, query_start_loc, seq_lens, block_table, work, bias
                 other=0.0)
     bt_row = block_table + r.to(tl.int64) * stride_bt
     bias_h = bias + h * R
+    TILE: tl.constexpr = BLOCK_M * BLOCK_N
+    STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N
+    tiles_h = tiles + h * NT * TILE
+    a0 = first + m0  # absolute position of the tile's first row
+    tiled = a0 % STEP == 0  # then a0 - n0 is a multiple of STEP: a precomputed tile
 
     full_end = ((first + m0 + 1) // BLOCK_N) * BLOCK_N
     tile_end = first + tl.minimum(m0 + BLOCK_M, qlen)
@@ -94,16 +108,18 @@ def _hstu_paged_fwd(Q, KV, O, query_start_loc, seq_lens, block_table, work, bias
         b_far = tl.load(bias_h + R - 1)
         for n0 in range(0, far_end, BLOCK_N):
             acc = _paged_attend(acc, q, KV, bt_row, n0, offs_n, offs_d, pos, S, h, stride_cb, stride_ch, stride_cs,
-                                bias_h, R, b_far, alpha, PAGE, BLOCK_N, D, False, 1, SILU, PREC)
+                                bias_h, R, b_far, tiles_h, tiled, alpha, PAGE, BLOCK_N, D, False, 1, SILU, PREC)
     else:
         far_end = 0
         b_far = 0.0
     for n0 in range(far_end, full_end, BLOCK_N):
         acc = _paged_attend(acc, q, KV, bt_row, n0, offs_n, offs_d, pos, S, h, stride_cb, stride_ch, stride_cs,
-                            bias_h, R, b_far, alpha, PAGE, BLOCK_N, D, False, BIAS_NEAR, SILU, PREC)
+                            bias_h, R, b_far, _near_tile(tiles_h, a0 - n0, o_lo, NT, STEP, TILE), tiled, alpha,
+                            PAGE, BLOCK_N, D, False, BIAS_NEAR, SILU, PREC)
     for n0 in range(full_end, tile_end, BLOCK_N):
         acc = _paged_attend(acc, q, KV, bt_row, n0, offs_n, offs_d, pos, S, h, stride_cb, stride_ch, stride_cs,
-                            bias_h, R, b_far, alpha, PAGE, BLOCK_N, D, True, BIAS_NEAR, SILU, PREC)
+                            bias_h, R, b_far, _near_tile(tiles_h, a0 - n0, o_lo, NT, STEP, TILE), tiled, alpha,
+                            PAGE, BLOCK_N, D, True, BIAS_NEAR, SILU, PREC)
     if NORM_LENGTH:
         out = acc * (1.0 / S.to(tl.float32))
     else:
@@ -128,12 +144,14 @@ def hstu_attention_paged_triton(q, kv_cache, block_table, query_start_loc, seq_l
                                                     Tq // BM + nreq))
     bias = rel_bias.to(torch.float32).contiguous() if rel_bias is not None else q.new_zeros(1, dtype=torch.float32)
     R = bias.shape[-1] if rel_bias is not None else 1
+    tiles, o_lo = near_bias_tiles(bias, BM, BN) if rel_bias is not None else (bias, 0)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (work.shape[0] * H,)
     _hstu_paged_fwd[grid](
-        q, kv_cache, out, query_start_loc, seq_lens, block_table, work, bias,
+        q, kv_cache, out, query_start_loc, seq_lens, block_table, work, bias, tiles,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv_cache.stride(0), kv_cache.stride(1),
-        kv_cache.stride(2), block_table.stride(0), float(alpha), R, H,
+        kv_cache.stride(2), block_table.stride(0), float(alpha), R, H, o_lo,
+        tiles.shape[1] if rel_bias is not None else 1,
         PAGE=page, HAS_BIAS=rel_bias is not None, BIAS_NEAR=2 if rel_bias is not None else 0,
         NORM_LENGTH=norm == "length", BLOCK_M=BM, BLOCK_N=BN, D=D,
         SILU=silu_mode(q.dtype), PREC=prec, num_warps=warps, num_stages=stages)

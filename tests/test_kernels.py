@@ -254,6 +254,70 @@ def test_triton_paged_interpreter(interp, page, dtype, tol):
         assert _rel(got, want) < tol
 
 
+def test_near_bias_tiles():
+    """tiles[h, t, r, c] = bias[h, min(|o + r - c|, R - 1)] at o = o_lo + t * min(BM, BN); the end tiles are all
+    bias[R - 1], so the kernels may clamp offsets beyond them."""
+    from kernels.triton_jagged import near_bias_tiles
+    bias = torch.randn(3, 40, generator=torch.Generator().manual_seed(30))
+    for R, bm, bn in [(1, 16, 16), (9, 32, 16), (40, 16, 32), (40, 64, 64), (17, 128, 32)]:
+        tiles, o_lo = near_bias_tiles(bias[:, :R].contiguous(), bm, bn)
+        step = min(bm, bn)
+        o = o_lo + step * torch.arange(tiles.shape[1])
+        want = bias[:, (o[:, None, None] + torch.arange(bm)[:, None] - torch.arange(bn)).abs().clamp(max=R - 1)]
+        assert torch.equal(tiles, want), (R, bm, bn)
+        far = bias[:, R - 1, None, None]
+        assert (tiles[:, 0] == far).all() and (tiles[:, -1] == far).all()
+        assert not (tiles[:, 1] == far).all() or R == 1  # and the table is no longer than it must be
+        assert not (tiles[:, -2] == far).all() or R == 1
+
+
+BIAS_LENGTHS = [1, 40, 100, 129, 200, 64, 7, 300]  # shorter and longer than R, multiples of the tiles and not
+
+
+# config None: INTERPRET_CONFIG, (32, 16); R 129 is what the models use
+@pytest.mark.parametrize("config,R", [(None, 20), (None, 129), ((16, 32, 4, 1), 20), ((64, 16, 4, 1), 129)])
+def test_triton_jagged_bias_tiles_interpreter(interp, config, R):
+    """Near key blocks read precomputed bias tiles: every mask, BLOCK_M > BLOCK_N and BLOCK_M < BLOCK_N; prefixes
+    longer than a tile and tiles of candidates far past their history reach offsets beyond the tile table."""
+    jag, _ = interp
+    gen = torch.Generator().manual_seed(31)
+    H, D = 2, 16
+    q, k, v = _rand(sum(BIAS_LENGTHS), H, D, torch.float32, gen)
+    off = _offsets(BIAS_LENGTHS)
+    bias = torch.randn(H, R, generator=gen)
+    prefix = torch.tensor([0, 35, 90, 5, 150, 0, 3, 70])
+    cands = torch.tensor([1, 0, 60, 129, 10, 64, 2, 200])
+    for kw in ({}, dict(prefix_lens=prefix), dict(num_candidates=cands),
+               dict(prefix_lens=prefix, num_candidates=cands, norm="length")):
+        want = ref.hstu_attention_naive(q.double(), k.double(), v.double(), off, alpha=ALPHA, rel_bias=bias.double(),
+                                        **kw)
+        got = jag.hstu_attention_triton(q, k, v, off, alpha=ALPHA, rel_bias=bias, config=config, **kw)
+        assert _rel(got, want) < 1e-5, list(kw)
+
+
+@pytest.mark.parametrize("page", [16, 64])
+@pytest.mark.parametrize("config", [None, (16, 32, 4, 1)])
+def test_triton_paged_bias_tiles_interpreter(interp, page, config, monkeypatch):
+    """Chunked prefill with bias: requests whose first query position is a multiple of min(BLOCK_M, BLOCK_N) use
+    the tiles, the others gather; both match the reference, and shifting the tiles moves exactly the first kind."""
+    _, pag = interp
+    gen = torch.Generator().manual_seed(32)
+    ctx = (300, 200, 150, 129, 64, 40)
+    qlens = (300, 72, 101, 40, 64, 3)  # first = 0, 128 (aligned); 49, 89, 0, 37 (aligned only for 0)
+    q, cache, table, qsl, seq_lens, _ = _paged_case(torch.float32, page, gen, ctx=ctx, qlens=qlens)
+    bias = torch.randn(2, 129, generator=gen)
+    want = ref.hstu_attention_paged_naive(q.double(), cache.double(), table, qsl, seq_lens, alpha=ALPHA,
+                                          rel_bias=bias.double())
+    got = pag.hstu_attention_paged_triton(q, cache, table, qsl, seq_lens, alpha=ALPHA, rel_bias=bias, config=config)
+    assert _rel(got, want) < 1e-5
+    near_bias_tiles = pag.near_bias_tiles
+    monkeypatch.setattr(pag, "near_bias_tiles", lambda *a: (lambda t, o: (t + 1.0, o))(*near_bias_tiles(*a)))
+    shifted = pag.hstu_attention_paged_triton(q, cache, table, qsl, seq_lens, alpha=ALPHA, rel_bias=bias,
+                                              config=config)
+    moved = [not torch.equal(shifted[s:e], got[s:e]) for s, e in zip(qsl[:-1].tolist(), qsl[1:].tolist())]
+    assert moved == [True, True, False, False, True, False]
+
+
 def test_triton_write_kv_cache_interpreter(interp):
     _, pag = interp
     gen = torch.Generator().manual_seed(9)
