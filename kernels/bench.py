@@ -4,8 +4,9 @@
                             [--commit HASH]
 
 Per shape: median time (triton.testing.do_bench) and TFLOP/s of the Triton jagged kernel (causal, no bias and with
-a relative-position bias), the padded PyTorch reference and the paged kernel (full prefill through a shuffled
-block table; page size 64, a multiple of the key tile, and 16, vLLM's default, which needs a per-key page gather).
+a relative-position bias of R = 256 and 129 columns, the models' R), the padded PyTorch reference and the paged
+kernel (full prefill through a shuffled block table; page size 64, a multiple of the key tile, and 16, vLLM's
+default, which needs a per-key page gather; and page size 64 with the R = 129 bias).
 FLOPs = 2 matmuls x 2*H*D*sum(L^2)/2 (causal half). --check compares every kernel with
 an fp64 reference on every shape (bf16 and fp32). --sweep times candidate tile configs. Each number is also written
 as a JSON line to --out.
@@ -186,7 +187,7 @@ def run_bench(rec, torch_ref: bool = True) -> list[dict]:
     for name, lengths, H, D in shapes():
         q, k, v, off = make_inputs(lengths, H, D, torch.bfloat16)
         alpha = 1.0 / math.sqrt(D)
-        bias = 0.1 * torch.randn(H, 256, device=DEV)
+        bias, bias129 = 0.1 * torch.randn(H, 256, device=DEV), 0.1 * torch.randn(H, 129, device=DEV)
         cache, table, seq_lens = paged_from_jagged(k, v, lengths)
         cache16, table16, _ = paged_from_jagged(k, v, lengths, page=16)
         fns = {
@@ -194,9 +195,13 @@ def run_bench(rec, torch_ref: bool = True) -> list[dict]:
             "triton_cold_plan": lambda: (triton_jagged._WORK_CACHE.clear(),
                                          hstu_attention(q, k, v, off, alpha=alpha, backend="triton")),
             "triton_rel_bias": lambda: hstu_attention(q, k, v, off, alpha=alpha, rel_bias=bias, backend="triton"),
+            "triton_rel_bias_r129": lambda: hstu_attention(q, k, v, off, alpha=alpha, rel_bias=bias129,
+                                                           backend="triton"),
             "paged": lambda: hstu_attention_paged(q, cache, table, off, seq_lens, alpha=alpha, backend="triton"),
             "paged_p16": lambda: hstu_attention_paged(q, cache16, table16, off, seq_lens, alpha=alpha,
                                                       backend="triton"),
+            "paged_rel_bias_r129": lambda: hstu_attention_paged(q, cache, table, off, seq_lens, alpha=alpha,
+                                                                rel_bias=bias129, backend="triton"),
         }
         if torch_ref:
             fns["torch_padded"] = lambda: hstu_attention(q, k, v, off, alpha=alpha, backend="torch")
@@ -207,8 +212,9 @@ def run_bench(rec, torch_ref: bool = True) -> list[dict]:
             tf = fl / ms / 1e9
             row[kern] = (ms, tf)
             cfg = dict(shape=name, B=len(lengths), tokens=sum(lengths), H=H, D=D, dtype="bf16", mask="causal",
-                       kernel=kern, page_size={"paged": PAGE, "paged_p16": 16}.get(kern),
-                       tile=list(triton_jagged.pick_config(D, None, triton_paged.CONFIGS if "paged" in kern else None))
+                       kernel=kern, page_size={"paged": PAGE, "paged_p16": 16, "paged_rel_bias_r129": PAGE}.get(kern),
+                       tile=list(triton_jagged.pick_config(D, None, triton_paged.CONFIGS if "paged" in kern else
+                                                           triton_jagged.BIAS_CONFIGS if "bias" in kern else None))
                        if kern != "torch_padded" else None)
             rec("hstu_attention", cfg, "median_ms", ms, "ms")
             rec("hstu_attention", cfg, "tflops", tf, "TFLOP/s")
