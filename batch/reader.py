@@ -39,7 +39,7 @@ class ShardReader:
 
     def __enter__(self) -> "ShardReader":
         self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_start, initargs=self._args)
+                                         initializer=_start, initargs=(os.getpid(), *self._args))
         return self
 
     def submit(self, shard: int) -> "Future[BuiltShard]":
@@ -52,14 +52,16 @@ class ShardReader:
 _state: tuple[EventSource, SequenceBuilder, int] | None = None  # the reader process's inputs
 
 
-def _start(source: EventSource, builder: SequenceBuilder, num_shards: int) -> None:
+def _start(parent: int, source: EventSource, builder: SequenceBuilder, num_shards: int) -> None:
     global _state
     _state = (source, builder, num_shards)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
 def _exit_with_parent(parent: int) -> None:
-    """A job killed with SIGKILL cannot stop its reader: the reader notices it was orphaned and exits."""
+    """A job killed with SIGKILL cannot stop its reader: the reader notices it was orphaned and exits. ``parent`` is
+    the job's pid as the job saw it (not ``os.getppid()`` here: a reader still starting when the job died would
+    take its new parent, init, for the job and never exit)."""
     while os.getppid() == parent:
         time.sleep(0.5)
     os._exit(1)
