@@ -73,6 +73,9 @@ class DataConfig:
     filter: Optional[str] = None  # extra Polars SQL predicate on input columns, e.g. "category != 7"
     max_seq_len: Optional[int] = None  # tokens incl. the profile prefix; null = the checkpoint's
     num_shards: int = 1  # users are split into this many shards; peak memory ~ one shard
+    # Reader processes building shards ahead of the engine, in parallel; 0 = auto: one per 4 CPUs, at most 4.
+    # Never more than num_shards. Memory: up to read_workers + 2 shards' sequences at once.
+    read_workers: int = 0
 
 
 @dataclass
@@ -200,6 +203,8 @@ def validate(job: JobConfig) -> None:
     _require(_is_date(d.run_date), "data.run_date", d.run_date, "a date YYYY-MM-DD")
     _require(d.lookback_days >= 1, "data.lookback_days", d.lookback_days, "an integer >= 1")
     _require(1 <= d.num_shards <= 65536, "data.num_shards", d.num_shards, "an integer in [1, 65536]")
+    _require(d.read_workers >= 0, "data.read_workers", d.read_workers,
+             "an integer >= 1 (reader processes), or 0 for auto (one per 4 CPUs, at most 4)")
     _require(d.max_seq_len is None or d.max_seq_len >= 3, "data.max_seq_len", d.max_seq_len,
              "null (the checkpoint's) or an integer >= 3")
     for key in ("user_id", "item_id", "timestamp"):

@@ -35,10 +35,11 @@ log = logging.getLogger("batch.run")
 def run_job(cfg: JobConfig) -> dict[str, Any]:
     """Score every user in the run window and publish the recommendations; returns the manifest.
 
-    Shards flow through three stages at once: while the engine scores shard i, a reader process builds shard i+1
-    (``batch.reader``) and a writer thread writes shard i-1, so the device does not wait on Polars or Parquet (at
-    most three shards' sequences are in memory). Shards are still written in order, so the output does not depend
-    on the overlap.
+    Shards flow through three stages at once: while the engine scores shard i, ``data.read_workers`` reader
+    processes build shards i+1, i+2, ... (``batch.reader``) and a writer thread writes shard i-1, so the device does
+    not wait on Polars or Parquet. At most read_workers + 2 shards' sequences are in memory (being built or waiting,
+    scored, written): memory grows with read_workers. Shards are still scored and written in order, so the output
+    does not depend on the overlap or the number of readers.
     """
     stats = RunStats()
     with stats.stage("load_checkpoint"):
@@ -61,9 +62,9 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         stats.add_shard(seqs, recs.num_rows)
         progress.shard_done(shard, len(seqs.batch), seqs.events_used, time.perf_counter() - t0)
 
-    with ShardReader(source, builder, num_shards) as reader:
-        next_shard = reader.submit(0)  # built while the engine starts
-        with stats.stage("engine_start"):
+    with ShardReader(source, builder, num_shards, cfg.data.read_workers) as reader:
+        log.info("%d reader process(es), %d Polars threads each", reader.workers, reader.threads)
+        with stats.stage("engine_start"):  # the readers build the first shards meanwhile
             engine = build_engine(cfg.engine, ckpt)
         try:
             # Exit order matters: the writer thread finishes before the output is published or aborted.
@@ -74,11 +75,9 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
                 for shard in range(num_shards):
                     t0 = time.perf_counter()
                     with stats.stage("wait_for_data"):
-                        built = next_shard.result()
+                        built = reader.take()
                     stats.add_stage("read", *built.read)
                     stats.add_stage("sequences", *built.sequences)
-                    if shard + 1 < num_shards:
-                        next_shard = reader.submit(shard + 1)
                     with stats.stage("score"):
                         top = engine.score(built.seqs.batch, cfg.output.top_k, cfg.output.exclude_seen)
                     if written is not None:

@@ -1,0 +1,150 @@
+"""Several reader processes: same results in shard order, a fair share of Polars threads each, errors and kills."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from batch.errors import ConfigError, InputError
+from batch.events import scan_events
+from batch.reader import ShardReader, reader_count
+from batch.run import run_job
+from batch.sequences import SequenceBuilder
+
+from conftest import RUN_DATE
+from test_kill import start
+from test_run import config, published
+
+WINDOW = (RUN_DATE - dt.timedelta(days=28), RUN_DATE)
+
+
+def reader(events: Path, checkpoint, schema, num_shards: int, workers: int,
+           builder: type[SequenceBuilder] = SequenceBuilder) -> ShardReader:
+    return ShardReader(scan_events(str(events), schema, window=WINDOW), builder(checkpoint, schema), num_shards,
+                       workers)
+
+
+def test_read_workers_do_not_change_results(tmp_path, events_dir, tiny_checkpoint):
+    runs = {}
+    for workers in (1, 3):
+        out = tmp_path / f"w{workers}"
+        m = run_job(config(events_dir, tiny_checkpoint, out, "data.num_shards=5", f"data.read_workers={workers}"))
+        runs[workers] = published(out)
+        assert m["output"]["shards"] == 5
+    assert runs[1].height > 0 and runs[1].equals(runs[3])  # same rows in the same order, same scores
+
+
+def _user_ids(r: ShardReader) -> list[list]:
+    with r:
+        return [r.take().seqs.batch.user_ids.to_pylist() for _ in range(r.num_shards)]
+
+
+def test_several_readers_hand_out_shards_in_shard_order(events_dir, checkpoint, schema):
+    one, three = (_user_ids(reader(events_dir, checkpoint, schema, 5, w)) for w in (1, 3))
+    assert one == three and sum(map(len, one)) > 0
+
+
+def test_read_workers_is_validated_and_clamped(tmp_path, events_dir, tiny_checkpoint):
+    with pytest.raises(ConfigError, match=r"data\.read_workers=-1 is invalid: expected an integer >= 1"):
+        config(events_dir, tiny_checkpoint, tmp_path, "data.read_workers=-1")
+    assert config(events_dir, tiny_checkpoint, tmp_path).data.read_workers == 0  # auto by default
+    assert reader_count(8, 3) == 3 and reader_count(2, 100) == 2  # never more readers than shards
+    assert 1 <= reader_count(0, 100) <= 4 and reader_count(0, 1) == 1
+
+
+def _threads() -> tuple[int, int]:
+    time.sleep(0.2)  # lets the other readers take the next calls
+    return os.getpid(), pl.thread_pool_size()
+
+
+@pytest.mark.parametrize("budget, workers, share", [(None, 2, None), ("6", 3, 2)])
+def test_each_reader_gets_its_share_of_polars_threads(events_dir, checkpoint, schema, monkeypatch, budget,
+                                                      workers, share):
+    if budget:  # POLARS_MAX_THREADS set for the job is the readers' budget, split between them
+        monkeypatch.setenv("POLARS_MAX_THREADS", budget)
+    else:
+        monkeypatch.delenv("POLARS_MAX_THREADS", raising=False)
+        share = max(1, len(os.sched_getaffinity(0)) // workers)
+    with reader(events_dir, checkpoint, schema, 4, workers) as r:
+        assert (r.workers, r.threads) == (workers, share)
+        seen = [r._pool.submit(_threads).result() for _ in range(2 * workers)]
+        [r.take() for _ in range(4)]
+    assert {threads for _, threads in seen} == {share} and os.environ.get("POLARS_MAX_THREADS") == budget
+
+
+class FailsOnShard2(SequenceBuilder):
+    def shard_frame(self, frame: pl.LazyFrame, shard: int, num_shards: int) -> pl.LazyFrame:
+        if shard == 2:
+            raise InputError("shard 2: cannot be read")
+        return super().shard_frame(frame, shard, num_shards)
+
+
+def test_a_reader_error_surfaces_unchanged_in_shard_order(events_dir, checkpoint, schema):
+    with pytest.raises(InputError, match=r"^shard 2: cannot be read$"):
+        with reader(events_dir, checkpoint, schema, 6, 3, FailsOnShard2) as r:
+            assert [len(r.take().seqs.batch) > 0 for _ in range(2)] == [True, True]  # shards before it are fine
+            r.take()
+
+
+def test_a_file_corrupted_after_the_scan_fails_the_same_with_several_readers(events_dir, checkpoint, schema):
+    readers = [reader(events_dir, checkpoint, schema, 4, w) for w in (1, 3)]  # scanned while the files are good
+    next(events_dir.rglob("*.parquet")).write_bytes(b"PAR1garbagegarbage")
+    messages = []
+    for r in readers:
+        with pytest.raises(InputError, match=r"part-0\.parquet: cannot be read") as info, r:
+            r.take()
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sig, when", [(signal.SIGKILL, "reader process(es)"), (signal.SIGKILL, " done ("),
+                                       (signal.SIGTERM, " done (")])
+def test_killed_job_leaves_no_reader_processes(tmp_path, sig, when):
+    """Killed while its readers still start (they see the job gone once up) or while they build shards."""
+    from tests._sample_job import job_args, job_env, sample_checkpoint
+
+    proc = start(job_args(sample_checkpoint(tmp_path), f"output.path={tmp_path / 'recs'}", "data.num_shards=24",
+                          "data.read_workers=3"), env=job_env(tmp_path / "logs"))
+    log = []
+    for line in iter(proc.stdout.readline, ""):
+        log.append(line)
+        if when in line:
+            break
+    readers = _children(proc.pid)  # 3 readers and multiprocessing's resource tracker
+    proc.send_signal(sig)
+    try:
+        log.append(proc.communicate(timeout=60)[0])  # returns once every holder of the job's stdout is gone
+        assert proc.returncode != 0 and len(readers) >= 3, "".join(log)[-3000:]
+        deadline = time.monotonic() + 15
+        while any(map(_alive, readers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in readers if _alive(p)], "".join(log)[-3000:]
+    finally:  # a failed check leaves no orphans behind on the test machine
+        for pid in filter(_alive, readers):
+            os.kill(pid, signal.SIGKILL)
+    assert not list((tmp_path / "recs").rglob("*.parquet"))  # nothing published
