@@ -33,6 +33,11 @@ def _check_index(name: str, t, n: int | None, device) -> None:
         _fail(f"{name} is on {t.device}, q on {device}")
 
 
+def _check_rows(rows: str) -> None:
+    if rows not in ("all", "last"):
+        _fail(f"rows must be 'all' or 'last', got {rows!r}")
+
+
 def _check_common(q, rel_bias, norm: str, backend: str) -> None:
     if norm not in ("visible", "length"):
         _fail(f"norm must be 'visible' or 'length', got {norm!r}")
@@ -73,16 +78,18 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, *, alpha: float,
                    prefix_lens: torch.Tensor | None = None, num_candidates: torch.Tensor | None = None,
                    rel_bias: torch.Tensor | None = None, norm: str = "visible", max_len: int | None = None,
-                   backend: str = "auto") -> torch.Tensor:
+                   rows: str = "all", backend: str = "auto") -> torch.Tensor:
     """Jagged HSTU attention: out_i = sum_j visible silu(alpha q_i.k_j + rel_bias[h, |i-j|]) / n_i * v_j.
 
     q, k, v: (T, H, D) packed rows of B sequences; offsets (B+1,). prefix_lens / num_candidates: (B,) per-sequence
     profile-prefix length and candidate count (see kernels/reference.py for the exact mask). norm: "visible" (n_i =
     keys row i sees) or "length" (n_i = the sequence's length). max_len is accepted for callers that know it; the
-    kernels do not need it. Returns (T, H, D) in q.dtype.
+    kernels do not need it. rows: "all", or "last": only each sequence's last row is needed — the Triton kernel
+    then computes just the tile holding it (other rows of the result are undefined). Returns (T, H, D) in q.dtype.
     """
     _check_qkv(q, k, v)
     _check_common(q, rel_bias, norm, backend)
+    _check_rows(rows)
     if offsets.dim() != 1 or offsets.numel() < 1:
         _fail(f"offsets must be 1-D with B+1 >= 1 entries, got shape {tuple(offsets.shape)}")
     _check_index("offsets", offsets, None, q.device)
@@ -93,7 +100,7 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
     if _use_triton(backend, (q, k, v, rel_bias)):
         from .triton_jagged import hstu_attention_triton
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        return hstu_attention_triton(q, k, v, offsets, **kwargs)
+        return hstu_attention_triton(q, k, v, offsets, rows=rows, **kwargs)
     if not q.is_cuda and offsets.numel() and int(offsets[-1]) != q.shape[0]:
         _fail(f"offsets[-1]={int(offsets[-1])} != number of rows {q.shape[0]}")
     return reference.hstu_attention_torch(q, k, v, offsets, **kwargs)
@@ -101,12 +108,14 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
 
 def hstu_attention_paged(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                          query_start_loc: torch.Tensor, seq_lens: torch.Tensor, *, alpha: float,
-                         rel_bias: torch.Tensor | None = None, norm: str = "visible",
+                         rel_bias: torch.Tensor | None = None, norm: str = "visible", rows: str = "all",
                          backend: str = "auto") -> torch.Tensor:
     """Paged causal HSTU attention (vLLM): request r's query rows query_start_loc[r]:query_start_loc[r+1] are the
     last positions of its context of seq_lens[r] tokens, whose K/V sit in kv_cache (num_blocks, H, block_size, 2D)
-    at block block_table[r, p // block_size], offset p % block_size. Returns (Tq, H, D) in q.dtype."""
+    at block block_table[r, p // block_size], offset p % block_size. rows: "all", or "last": only each request's
+    last query row is needed (as in hstu_attention). Returns (Tq, H, D) in q.dtype."""
     _check_common(q, rel_bias, norm, backend)
+    _check_rows(rows)
     if q.dim() != 3:
         _fail(f"q must be (tokens, heads, head_dim), got shape {tuple(q.shape)}")
     Tq, H, D = q.shape
@@ -127,7 +136,7 @@ def hstu_attention_paged(q: torch.Tensor, kv_cache: torch.Tensor, block_table: t
         if kv_cache.stride(-1) != 1:
             _fail("kv_cache must be contiguous in its last dim")
         return hstu_attention_paged_triton(_last_dim_contiguous(q), kv_cache, block_table, query_start_loc,
-                                           seq_lens, **kwargs)
+                                           seq_lens, rows=rows, **kwargs)
     return reference.hstu_attention_paged_torch(q, kv_cache, block_table, query_start_loc, seq_lens, **kwargs)
 
 

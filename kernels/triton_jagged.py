@@ -220,6 +220,14 @@ def build_work_list(row_counts: torch.Tensor, seq_keys: torch.Tensor, block_m: i
     return work.to(torch.int32).contiguous()
 
 
+def last_block_work(row_counts: torch.Tensor, block_m: int) -> torch.Tensor:
+    """(B, 2) int32 tiles (seq, m_block): only the m-block holding each sequence's last row (seq -1 for an empty
+    one). For callers that read one row per sequence (the model's last layer when scoring)."""
+    rc = row_counts.to(torch.int64)
+    seq = torch.arange(rc.numel(), device=rc.device)
+    return torch.stack([torch.where(rc > 0, seq, -1), (rc - 1).clamp(min=0) // block_m], 1).to(torch.int32)
+
+
 _WORK_CACHE: list = []  # one entry: (key tensors, their versions, params, work list)
 
 
@@ -266,7 +274,7 @@ def near_bias_tiles(bias: torch.Tensor, block_m: int, block_n: int) -> tuple[tor
 
 
 def hstu_attention_triton(q, k, v, offsets, *, alpha: float, prefix_lens=None, num_candidates=None, rel_bias=None,
-                          norm: str = "visible", config=None, work=None) -> torch.Tensor:
+                          norm: str = "visible", rows: str = "all", config=None, work=None) -> torch.Tensor:
     """Launch the jagged kernel. Inputs are validated by kernels.hstu_attention."""
     T, H, D = q.shape
     B = offsets.numel() - 1
@@ -275,6 +283,8 @@ def hstu_attention_triton(q, k, v, offsets, *, alpha: float, prefix_lens=None, n
         return out
     BM, BN, warps, stages = pick_config(D, config, BIAS_CONFIGS if rel_bias is not None else None, dtype=q.dtype)
     lengths = offsets[1:] - offsets[:-1]
+    if work is None and rows == "last":
+        work = last_block_work(lengths, BM)
     if work is None:
         work = _cached_work((offsets,), ("jagged", BM, T, B, str(q.device)),
                             lambda: build_work_list(lengths, lengths, BM, T // BM + B))

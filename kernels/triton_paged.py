@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_jagged import (_cached_work, _near_tile, _silu_scaled, build_work_list, near_bias_tiles,
-                            pick_config, silu_mode)
+from .triton_jagged import (_cached_work, _near_tile, _silu_scaled, build_work_list, last_block_work,
+                            near_bias_tiles, pick_config, silu_mode)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim when they differ from the jagged kernel's; picked on an
 # H100 by `python -m kernels.bench --sweep --sweep-kernels paged` at page size 64. A page size that is a multiple of
@@ -129,7 +129,8 @@ def _hstu_paged_fwd(Q, KV, O, query_start_loc, seq_lens, block_table, work, bias
 
 
 def hstu_attention_paged_triton(q, kv_cache, block_table, query_start_loc, seq_lens, *, alpha: float,
-                                rel_bias=None, norm: str = "visible", config=None, work=None) -> torch.Tensor:
+                                rel_bias=None, norm: str = "visible", rows: str = "all", config=None,
+                                work=None) -> torch.Tensor:
     """Launch the paged kernel. Inputs are validated by kernels.hstu_attention_paged."""
     Tq, H, D = q.shape
     nreq = seq_lens.numel()
@@ -138,6 +139,8 @@ def hstu_attention_paged_triton(q, kv_cache, block_table, query_start_loc, seq_l
         return out
     BM, BN, warps, stages, *_ = pick_config(D, config, CONFIGS, dtype=q.dtype)
     page = kv_cache.shape[2]
+    if work is None and rows == "last":
+        work = last_block_work(query_start_loc[1:] - query_start_loc[:-1], BM)
     if work is None:
         work = _cached_work((query_start_loc, seq_lens), ("paged", BM, Tq, nreq, str(q.device)),
                             lambda: build_work_list(query_start_loc[1:] - query_start_loc[:-1], seq_lens, BM,

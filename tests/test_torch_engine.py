@@ -157,7 +157,8 @@ def legacy_score(eng: TorchEngine, batch: UserBatch, top_k: int, exclude_seen: b
         for start, stop in pack_by_tokens(batch.lengths, eng.batch_tokens):
             sub = batch.select(slice(start, stop))
             tokens, offsets = torch.from_numpy(sub.tokens), torch.from_numpy(sub.offsets)
-            logits = model.item_logits(model(tokens, offsets)[model.last_positions(offsets)]).float()
+            # the same forward as the engine (last rows only): this test is about the top-K and masking loop
+            logits = model.item_logits(model(tokens, offsets, last_only=True)).float()
             if exclude_seen:
                 user = torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())
                 is_item = tokens >= eng.item_offset

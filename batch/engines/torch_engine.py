@@ -26,7 +26,7 @@ MIN_TIE_SLACK = 64
 
 
 class TorchEngine:
-    """Runs ``hidden = model(tokens, offsets)`` and ``model.item_logits`` at each user's last position."""
+    """Runs ``model(tokens, offsets, last_only=True)`` and ``model.item_logits`` at each user's last position."""
 
     def __init__(self, cfg: TorchEngineConfig, checkpoint: Checkpoint):
         self.device = resolve_device(cfg.device)
@@ -83,9 +83,7 @@ class TorchEngine:
             tokens = tokens_all[lo: int(host_offsets[stop])]  # views: no copy, no host round trip
             offsets = offsets_all[start: stop + 1] - lo
             longest = int(np.diff(host_offsets[start: stop + 1]).max())  # from the host: no device sync
-            hidden = self.model(tokens, offsets, max_len=longest)
-            last = hidden[self.model.last_positions(offsets)]
-            del hidden
+            last = self.model(tokens, offsets, max_len=longest, last_only=True)
             batch_values, batch_index, batch_exact = candidate_topk(self._logits(last, tokens, offsets, exclude_seen),
                                                                     k, slack)
             values.append(batch_values)

@@ -74,11 +74,17 @@ class HSTULayer(nn.Module):
         distances to the last column)."""
         return self.rel_bias[:, self.buckets].float()
 
-    def forward(self, x: torch.Tensor, groups: torch.Tensor, attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, groups: torch.Tensor, attend: Callable[..., torch.Tensor],
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(T, d) -> (T, d). With ``rows`` (indices) only those rows are needed: the attention still reads every
+        key (``attend`` must return those rows right), everything after it runs on them, and the result is
+        (len(rows), d). Scoring uses this in the last layer, where only each user's last position matters."""
         t, d = x.shape
         u, v, q, k = F.silu(self.uvqk(self.norm_in(x, groups))).split(d, dim=-1)
         shape = (t, self.num_heads, self.head_dim)
         a = attend(q.reshape(shape), k.reshape(shape), v.reshape(shape), self.rel_bias_table()).reshape(t, d)
+        if rows is not None:
+            a, u, groups, x = a[rows], u[rows], groups[rows], x[rows]
         y = self.norm_attn(a, groups, gate=u)
         return x + self.out(F.dropout(y, self.dropout, self.training))
 
@@ -153,29 +159,34 @@ class MTGR(nn.Module):
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model)
 
-    def encode(self, tokens: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def encode(self, tokens: torch.Tensor, attend: Attend, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (T, d_model) of flat tokens, before the final norm (``item_logits`` applies it to the
-        rows it scores); ``attend`` supplies the attention per layer."""
+        rows it scores); ``attend`` supplies the attention per layer. With ``rows``, the last layer computes only
+        those rows (see HSTULayer.forward) and the result is (len(rows), d_model)."""
         x, groups = self.embed(tokens)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, groups, lambda q, k, v, bias, i=i: attend(i, q, k, v, bias))
+            x = layer(x, groups, lambda q, k, v, bias, i=i: attend(i, q, k, v, bias), rows if i == last else None)
         return x
 
-    def forward(self, tokens: torch.Tensor, offsets: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, offsets: torch.Tensor, max_len: int | None = None,
+                last_only: bool = False) -> torch.Tensor:
         """Hidden states (T, d_model) of a jagged batch (see ``encode``): sequence b is
-        ``tokens[offsets[b]:offsets[b+1]]``.
+        ``tokens[offsets[b]:offsets[b+1]]``. ``last_only``: only each sequence's last position, (B, d_model) —
+        the last layer then skips the attention rows, norms and projection that scoring never reads.
 
         ``max_len`` (the longest sequence) may be passed by a caller that knows it, which saves a device sync."""
         if max_len is None:
             max_len = int((offsets[1:] - offsets[:-1]).max()) if len(offsets) > 1 else 0
         if max_len > self.config.max_seq_len:
             raise ValueError(f"sequence of {max_len} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        last = len(self.layers) - 1
 
         def attend(i: int, q, k, v, bias):
-            return hstu_attention(q, k, v, offsets, alpha=self.layers[i].alpha, rel_bias=bias,
-                                  norm="visible", max_len=max_len)
+            return hstu_attention(q, k, v, offsets, alpha=self.layers[i].alpha, rel_bias=bias, norm="visible",
+                                  max_len=max_len, rows="last" if last_only and i == last else "all")
 
-        return self.encode(tokens, attend)
+        return self.encode(tokens, attend, self.last_positions(offsets) if last_only else None)
 
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-item scores (N, num_items) of hidden states from ``forward``: the final norm, then the item head

@@ -78,7 +78,8 @@ class HSTUAttentionImpl(AttentionImpl[HSTUMetadata]):
         md, n = attn_metadata, attn_metadata.num_tokens
         write_kv_cache(key[:n], value[:n], kv_cache, md.slot_mapping)
         output[:n] = hstu_attention_paged(query[:n], kv_cache, md.block_table, md.query_start_loc, md.seq_lens,
-                                          alpha=self.alpha, rel_bias=layer.rel_bias_table, norm="visible")
+                                          alpha=self.alpha, rel_bias=layer.rel_bias_table, norm="visible",
+                                          rows=layer.rows)
         return output
 
 
@@ -110,12 +111,16 @@ class HSTUAttentionBackend(AttentionBackend):
 
 
 class HSTUAttention(Attention):
-    """vLLM attention layer of one HSTU block: holds the block's relative-position bias for the backend."""
+    """vLLM attention layer of one HSTU block: holds the block's relative-position bias and which query rows
+    it must compute, for the backend."""
 
     def __init__(self, num_heads: int, head_dim: int, alpha: float, bias_columns: int, prefix: str,
-                 cache_config=None):
+                 cache_config=None, rows: str = "all"):
         super().__init__(num_heads, head_dim, scale=alpha, num_kv_heads=num_heads,
                          cache_config=cache_config, prefix=prefix, attn_backend=HSTUAttentionBackend)
+        # "last": only each request's last query row of a step is read (the model's last layer); every new
+        # token's K/V is still written to the cache.
+        self.rows = rows
         # (H, R) float32 bias by relative distance (longer distances use the last column); set after loading.
         self.register_buffer("rel_bias_table", torch.zeros(num_heads, bias_columns, dtype=torch.float32),
                              persistent=False)

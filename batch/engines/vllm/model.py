@@ -32,7 +32,8 @@ class MTGRForItemScoring(nn.Module):
         self.vocab_size = self.mtgr.embed.layout.vocab_size
         self.attn = nn.ModuleList(
             HSTUAttention(cfg.num_heads, cfg.head_dim, layer.alpha, layer.rel_bias_table().shape[1],
-                          prefix=f"{prefix}attn.{i}", cache_config=vllm_config.cache_config)
+                          prefix=f"{prefix}attn.{i}", cache_config=vllm_config.cache_config,
+                          rows="last" if i == cfg.num_layers - 1 else "all")
             for i, layer in enumerate(self.mtgr.layers))
         self.exclude_seen = True
         self.seen = PagedTokenIds()
@@ -52,9 +53,18 @@ class MTGRForItemScoring(nn.Module):
         if self._step is not None and self.exclude_seen:
             self.seen.write(input_ids, self._step, kv_cache)
         x, groups = self.mtgr.embed(input_ids)
-        for layer, attn in zip(self.mtgr.layers, self.attn):
+        # vLLM reads logits at each request's last row of the step (query_start_loc[1:] - 1): the last layer
+        # computes only those rows (its attention backend computes only each request's last tile, see
+        # HSTUAttention.rows) and writes them back into x; the other rows of the result are never read.
+        rows = None if self._step is None else self._step.query_start_loc[1:] - 1
+        last = len(self.attn) - 1
+        for i, (layer, attn) in enumerate(zip(self.mtgr.layers, self.attn)):
             # The backend reads the bias from ``attn.rel_bias_table`` (the same table, built after loading).
-            x = layer(x, groups, lambda q, k, v, rel_bias, attn=attn: attn(q, k, v))
+            attend = lambda q, k, v, rel_bias, attn=attn: attn(q, k, v)  # noqa: E731
+            if i == last and rows is not None:
+                x[rows] = layer(x, groups, attend, rows)
+            else:
+                x = layer(x, groups, attend)
         return x  # before the final norm, which compute_logits applies to the scored rows only
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
