@@ -129,3 +129,14 @@ def test_paged_token_ids_mask_reads_the_context_through_the_block_table():
     ids.mask(logits, md, item_offset=10)
     masked = [set(torch.nonzero(torch.isinf(row)).ravel().tolist()) - set(range(10)) for row in logits]
     assert masked == [{10, 11, 12, 13}, set(range(14, 22))]
+
+
+def test_users_of_the_full_model_length(engines):
+    """A user may fill all max_seq_len positions (vLLM must leave room for the one token it generates)."""
+    ckpt, vllm_engine, torch_engine = engines
+    lay, n = ckpt.layout, ckpt.config.max_seq_len
+    rng = np.random.default_rng(3)
+    tokens = np.concatenate([lay.item_offset + rng.integers(0, ckpt.config.num_items, size=n),
+                             lay.item_offset + rng.integers(0, ckpt.config.num_items, size=n - 1)])
+    batch = UserBatch(pa.array([0, 1]), tokens.astype(np.int64), np.array([0, n, 2 * n - 1]))
+    assert_same_topk(vllm_engine.score(batch, TOP_K, exclude_seen=True), torch_engine.score(batch, TOP_K, True))

@@ -42,12 +42,14 @@ def engine_kwargs(cfg: VllmEngineConfig, checkpoint: Checkpoint, on_cpu: bool, n
         raise ConfigError(f"engine.tensor_parallel_size={cfg.tensor_parallel_size} is invalid: MTGR is not "
                           "sharded across devices; expected 1 (run one job per GPU to use several)")
     max_len = checkpoint.config.max_seq_len
-    if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < max_len:
+    if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < max_len + 1:
         raise ConfigError(f"engine.max_num_batched_tokens={cfg.max_num_batched_tokens} is invalid with "
-                          f"enable_chunked_prefill=false: expected >= the model's max_seq_len {max_len}")
+                          f"enable_chunked_prefill=false: expected >= the model's max_seq_len {max_len} + 1 "
+                          "(vLLM counts the one token it generates)")
     kwargs = dict(
         skip_tokenizer_init=True, model_impl="vllm", generation_config="vllm",
-        dtype=cfg.dtype.value, kv_cache_dtype=cfg.kv_cache_dtype, seed=cfg.seed, max_model_len=max_len,
+        dtype=cfg.dtype.value, kv_cache_dtype=cfg.kv_cache_dtype, seed=cfg.seed,
+        max_model_len=max_len + 1,  # + the one token vLLM generates: a user may fill all max_seq_len positions
         tensor_parallel_size=1, max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
         enable_chunked_prefill=cfg.enable_chunked_prefill, enable_prefix_caching=cfg.enable_prefix_caching,
         max_logprobs=cfg.max_logprobs, logprobs_mode="processed_logits", worker_extension_cls=WORKER_EXTENSION,
@@ -76,6 +78,9 @@ class VllmEngine:
         # copies a process whose Polars threads (the row-count scan) may hold allocator locks, and on an H100 the
         # forked engine core hung in model loading. Spawn starts it clean.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        # max_model_len is max_seq_len + 1 (room for the token vLLM generates after a full-length user); vLLM caps it
+        # at config.json's max_seq_len unless allowed. Safe here: MTGR has no position table to overrun.
+        os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
         self.max_logprobs = cfg.max_logprobs
         self.item_offset = checkpoint.layout.item_offset
         self.num_items = checkpoint.config.num_items
