@@ -38,7 +38,9 @@ from batch.synth import token_batch  # noqa: E402
 # kernel family <- substrings of the kernel name (first match wins, lower case)
 FAMILIES = [
     ("attention", ("hstu",)),
-    ("group_norm", ("group_layer_norm", "_gln")),
+    ("group_norm", ("group_layer_norm", "_gln", "group_ln")),
+    ("kv_cache_write", ("write_kv",)),
+    ("sampler", ("_ranks_", "gumbel", "sample")),
     ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "sm90", "sm80", "ampere", "gemv", "splitk")),
     ("topk_sort", ("topk", "sort", "radix", "bitonic", "segmented")),
     ("scatter_gather", ("scatter", "gather", "index", "embedding")),
