@@ -40,13 +40,17 @@ class TorchEngine:
         self.warm_up(checkpoint.config.max_seq_len)
 
     def warm_up(self, max_seq_len: int) -> None:
-        """Score two dummy users once, so that Triton's kernel compilation and the first CUDA allocations happen
-        while the engine starts and not inside the first shard (see bench/RESULTS.md, issue 6: the H100 runs
-        point to several seconds of such one-time work per run)."""
-        lengths = [min(max_seq_len, 64), min(max_seq_len, 33)]
-        tokens = self.item_offset + np.arange(sum(lengths), dtype=np.int64) % self.num_items
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        self.score(UserBatch(pa.array([0, 1], pa.int64()), tokens, offsets), min(10, self.num_items), True)
+        """Score small dummy batches once, so that Triton's kernel compilation and the first CUDA allocations
+        happen while the engine starts and not inside the first shard (see bench/RESULTS.md, issue 6: the H100
+        runs point to several seconds of such one-time work per run). Triton compiles a kernel again for a row
+        count that is 1, a multiple of 16 or neither; the batches cover all three, for every layer (T tokens) and
+        for the last one (B users)."""
+        for lengths in ([64, 33], [2] * 16, [17]):  # (T, B) = (97, 2), (32, 16), (17, 1)
+            lengths = [min(max_seq_len, n) for n in lengths]
+            tokens = self.item_offset + np.arange(sum(lengths), dtype=np.int64) % self.num_items
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            users = pa.array(np.arange(len(lengths), dtype=np.int64))
+            self.score(UserBatch(users, tokens, offsets), min(10, self.num_items), True)
 
     @torch.inference_mode()
     def score(self, batch: UserBatch, top_k: int, exclude_seen: bool) -> TopK:
