@@ -101,7 +101,7 @@ class TorchEngineConfig(EngineConfig):
     name: EngineName = EngineName.torch
     device: Device = Device.auto  # auto = cuda when available, else cpu
     dtype: DType = DType.float32
-    batch_tokens: int = 16384  # token budget of one jagged batch (no padding)
+    batch_tokens: int = 65536  # token budget of one jagged batch (no padding); see conf/engine/torch.yaml
 
 
 @dataclass
