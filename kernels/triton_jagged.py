@@ -37,8 +37,9 @@ CONFIGS: dict[int, tuple] = {
 FP32_CONFIGS: dict[int, tuple] = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 4, 2),
                                   256: (32, 32, 4, 1)}  # fp32 is the accuracy path: small tiles that fit shared memory
 # With a relative-position bias (16-bit inputs): the pipeliner also buffers the near blocks' fp32 bias tiles, which
-# takes (64, 64, 4, 3) from 112 to 144 KiB of shared memory, one program per SM instead of two. Measured on an H100
-# (H 4, D 128, R 129, 36 x 1800 tokens): (64, 32, 4, 3) 328 TFLOP/s, (64, 64, 4, 3) 259; no bias 386.
+# takes (64, 64, 4, 3) from 112 to 144 KiB of shared memory, one program per SM instead of two; (64, 32, 4, 3) keeps
+# two and was the faster of the two in an unrecorded H100 trial. Recorded with it (bench `hstu_attention`, bench/
+# RESULTS.md, issue 6): 319-331 TFLOP/s at R = 129 against 374-391 without a bias.
 BIAS_CONFIGS: dict[int, tuple] = {128: (64, 32, 4, 3)}
 INTERPRET_CONFIG = (32, 16, 4, 1)
 
