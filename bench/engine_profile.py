@@ -77,12 +77,12 @@ def build(engine: str, ckpt, args):
         return TorchEngine(TorchEngineConfig(device=Device.auto, dtype=DType.bfloat16,
                                              batch_tokens=args.batch_tokens), ckpt)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: the profiler sees it
-    from batch.engines.vllm.engine import VllmEngine
+    from batch.engines.vllm.engine import build_vllm_engine
 
     base = VllmEngineConfig(gpu_memory_utilization=0.9, max_num_batched_tokens=args.batch_tokens, max_num_seqs=512,
                             dtype=DType.bfloat16)
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(base), OmegaConf.from_dotlist(args.vllm)))
-    return VllmEngine(cfg, ckpt)
+    return build_vllm_engine(cfg, ckpt.path, ckpt.config)
 
 
 def host_profile(engine, users, top_k: int, lines: int = 40) -> None:

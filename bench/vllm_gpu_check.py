@@ -90,7 +90,8 @@ def vllm_run(ckpt_dir: Path, cfg: VllmEngineConfig, users: UserBatch, k: int) ->
     from batch.engines.vllm.engine import VllmEngine
 
     t0 = time.perf_counter()
-    engine = VllmEngine(cfg, load_checkpoint(str(ckpt_dir)))
+    ckpt = load_checkpoint(str(ckpt_dir))
+    engine = VllmEngine(cfg, ckpt.path, ckpt.config)
     init_s = time.perf_counter() - t0
     engine.score(users.select(slice(0, min(256, len(users)))), k, True)  # warm-up
     t0 = time.perf_counter()

@@ -170,3 +170,10 @@ def test_cli_bad_range_is_one_line(tmp_path):
     errors = [line for line in out.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "output.top_k=0" in errors[0] and "Traceback" not in out.stderr
     assert "output.top_k=0" in (tmp_path / "run.log").read_text()  # hydra.run.dir took the override
+
+
+@pytest.mark.parametrize("instances", ["0", "65"])
+def test_vllm_instances_out_of_range_is_rejected(instances):
+    with pytest.raises(ConfigError, match=r"engine\.instances=.*expected an integer in \[1, 64\]"):
+        job("engine=vllm", f"engine.instances={instances}")
+    assert job("engine=vllm_high_throughput", "engine.instances=4").engine.instances == 4

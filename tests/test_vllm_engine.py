@@ -63,7 +63,7 @@ def engines(checkpoint_dir):
                                load_checkpoint(str(checkpoint_dir)))
     vllm_engine = VllmEngine(VllmEngineConfig(max_num_batched_tokens=STEP_TOKENS, max_num_seqs=16,
                                               enable_prefix_caching=True, block_size=16,
-                                              cpu_kv_cache_bytes=64 << 20, max_logprobs=TOP_K), ckpt)
+                                              cpu_kv_cache_bytes=64 << 20, max_logprobs=TOP_K), ckpt.path, ckpt.config)
     yield ckpt, vllm_engine, torch_engine
     vllm_engine.close()
 
@@ -140,3 +140,36 @@ def test_users_of_the_full_model_length(engines):
                              lay.item_offset + rng.integers(0, ckpt.config.num_items, size=n - 1)])
     batch = UserBatch(pa.array([0, 1]), tokens.astype(np.int64), np.array([0, n, 2 * n - 1]))
     assert_same_topk(vllm_engine.score(batch, TOP_K, exclude_seen=True), torch_engine.score(batch, TOP_K, True))
+
+
+def test_two_instances_score_like_one(engines, users, checkpoint_dir):
+    """engine.instances=2: two vLLM engines in their own processes share the users; the result is the same."""
+    from batch.engines.pool import EnginePool
+    from batch.engines.vllm.engine import build_vllm_engine
+
+    ckpt, _, torch_engine = engines
+    cfg = VllmEngineConfig(max_num_batched_tokens=STEP_TOKENS, max_num_seqs=16, block_size=16,
+                           cpu_kv_cache_bytes=32 << 20, max_logprobs=TOP_K, instances=2)
+    pool = build_vllm_engine(cfg, ckpt.path, ckpt.config)
+    try:
+        assert isinstance(pool, EnginePool) and pool.instances == 2
+        assert_same_topk(pool.score(users, TOP_K, exclude_seen=True), torch_engine.score(users, TOP_K, True))
+        sub = users.select(slice(0, 9))
+        assert_same_topk(pool.score(sub, 3, exclude_seen=False), torch_engine.score(sub, 3, False))
+    finally:
+        pool.close()
+
+
+def test_instance_config_shares_the_memory_and_fixes_the_kv_cache(engines):
+    from batch.engines.vllm.engine import KV_STEPS, instance_config
+
+    config = engines[0].config
+    cfg = VllmEngineConfig(gpu_memory_utilization=0.9, max_num_batched_tokens=4096, dtype=DType.bfloat16,
+                           instances=3)
+    gpu = instance_config(cfg, config, on_cpu=False)
+    assert gpu.instances == 1 and gpu.gpu_memory_utilization == pytest.approx(0.3)
+    per_token = 2 * config.num_layers * config.d_model * 2
+    assert gpu.kv_cache_memory_bytes == per_token * (KV_STEPS * 4096 + config.max_seq_len + 1)
+    assert instance_config(cfg, config, on_cpu=True).kv_cache_memory_bytes is None  # cpu_kv_cache_bytes applies
+    fixed = VllmEngineConfig(kv_cache_memory_bytes=1 << 30, instances=2)
+    assert instance_config(fixed, config, on_cpu=False).kv_cache_memory_bytes == 1 << 30

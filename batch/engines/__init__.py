@@ -18,9 +18,9 @@ def build_engine(cfg: EngineConfig, checkpoint: Checkpoint) -> Engine:
         return TorchEngine(cfg, checkpoint)
     if cfg.name == EngineName.vllm:
         try:
-            from batch.engines.vllm.engine import VllmEngine
+            from batch.engines.vllm.engine import build_vllm_engine
         except ModuleNotFoundError as e:
             raise ConfigError(f"engine=vllm needs vLLM ({e}): install the cpu or gpu extra "
                               "(see README), or use engine=torch") from None
-        return VllmEngine(cfg, checkpoint)
+        return build_vllm_engine(cfg, checkpoint.path, checkpoint.config)
     raise ConfigError(f"engine.name={cfg.name!r} is invalid: expected one of {[n.value for n in EngineName]}")

@@ -1,19 +1,26 @@
-"""The vLLM engine of the batch job: every user is one token prompt to ``LLM.generate``; top-K from its logprobs."""
+"""The vLLM engine of the batch job: every user is one token prompt to ``LLM.generate``; top-K from its logprobs.
+
+``engine.instances > 1`` runs that many engines on the device, each in its own process (:class:`EnginePool`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
 from batch.config import VllmEngineConfig
-from batch.engines.base import TopK, UserBatch
+from batch.engines.base import Engine, TopK, UserBatch
+from batch.engines.pool import EnginePool
 from batch.errors import ConfigError
-from batch.model import Checkpoint
+from batch.model.config import MTGRConfig
+from batch.model.tokens import TokenLayout
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the checkpoint is a local directory: never ask the hub
 
@@ -24,10 +31,44 @@ from vllm.platforms import current_platform  # noqa: E402
 from . import compat  # noqa: E402
 
 WORKER_EXTENSION = "batch.engines.vllm.model.MTGRWorkerExtension"
+KV_STEPS = 4  # a pool instance's default KV cache: this many steps of tokens (see instance_config)
 log = logging.getLogger("batch.engines.vllm")
 
 
-def engine_kwargs(cfg: VllmEngineConfig, checkpoint: Checkpoint, on_cpu: bool, num_gpus: int) -> dict[str, Any]:
+def build_vllm_engine(cfg: VllmEngineConfig, path: str, config: MTGRConfig) -> Engine:
+    """One :class:`VllmEngine`, or with ``cfg.instances > 1`` a pool of them sharing the device."""
+    if cfg.instances == 1:
+        return VllmEngine(cfg, path, config)
+    share = instance_config(cfg, config, current_platform.is_cpu())
+    return EnginePool(partial(_pool_instance, share, path, config), cfg.instances, "vllm")
+
+
+def instance_config(cfg: VllmEngineConfig, config: MTGRConfig, on_cpu: bool) -> VllmEngineConfig:
+    """One pool instance's settings: an equal share of ``gpu_memory_utilization`` and a fixed KV cache.
+
+    Instances start side by side, so vLLM's memory profiling (which reads the device's free memory) would count
+    the others' allocations as its own; a fixed ``kv_cache_memory_bytes`` skips it. Unless set, it holds
+    KV_STEPS steps of ``max_num_batched_tokens`` plus one full-length user: a prompt finishes in the step that
+    prefills its last chunk, so more pages are never in use at once. On CPU every instance has
+    ``cpu_kv_cache_bytes`` (or ``kv_cache_memory_bytes``), as a single engine does.
+    """
+    kv = cfg.kv_cache_memory_bytes
+    if kv is None and not on_cpu:
+        itemsize = torch.empty((), dtype=getattr(torch, cfg.dtype.value)).element_size()
+        per_token = 2 * config.num_layers * config.d_model * itemsize  # K and V of every layer
+        kv = per_token * (KV_STEPS * cfg.max_num_batched_tokens + config.max_seq_len + 1)
+    return dataclasses.replace(cfg, instances=1, kv_cache_memory_bytes=kv,
+                               gpu_memory_utilization=cfg.gpu_memory_utilization / cfg.instances)
+
+
+def _pool_instance(cfg: VllmEngineConfig, path: str, config: MTGRConfig, instance: int) -> "VllmEngine":
+    """A pool instance, in its own process: vLLM's engine core runs in this process too (no IPC per request;
+    the pool's processes are the parallelism)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return VllmEngine(cfg, path, config)
+
+
+def engine_kwargs(cfg: VllmEngineConfig, max_seq_len: int, on_cpu: bool, num_gpus: int) -> dict[str, Any]:
     """``LLM(**kwargs)`` for ``cfg``; raises ConfigError for any setting MTGR cannot honour, before vLLM starts."""
     if cfg.quantization is not None:
         raise ConfigError(f"engine.quantization={cfg.quantization!r} is invalid: MTGR supports no quantisation "
@@ -41,7 +82,7 @@ def engine_kwargs(cfg: VllmEngineConfig, checkpoint: Checkpoint, on_cpu: bool, n
     if cfg.tensor_parallel_size != 1:
         raise ConfigError(f"engine.tensor_parallel_size={cfg.tensor_parallel_size} is invalid: MTGR is not "
                           "sharded across devices; expected 1 (run one job per GPU to use several)")
-    max_len = checkpoint.config.max_seq_len
+    max_len = max_seq_len
     if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < max_len + 1:
         raise ConfigError(f"engine.max_num_batched_tokens={cfg.max_num_batched_tokens} is invalid with "
                           f"enable_chunked_prefill=false: expected >= the model's max_seq_len {max_len} + 1 "
@@ -68,10 +109,11 @@ def engine_kwargs(cfg: VllmEngineConfig, checkpoint: Checkpoint, on_cpu: bool, n
 class VllmEngine:
     """One ``vllm.LLM`` per job run; each :meth:`score` call sends a shard's users all at once."""
 
-    def __init__(self, cfg: VllmEngineConfig, checkpoint: Checkpoint):
+    def __init__(self, cfg: VllmEngineConfig, path: str, config: MTGRConfig):
+        """Start vLLM on the checkpoint directory ``path`` whose model config is ``config``."""
         on_cpu = current_platform.is_cpu()
         num_gpus = 0 if on_cpu else torch.cuda.device_count()
-        kwargs = engine_kwargs(cfg, checkpoint, on_cpu, num_gpus)
+        kwargs = engine_kwargs(cfg, config.max_seq_len, on_cpu, num_gpus)
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cfg.cpu_omp_threads_bind)
         # vLLM forks its engine core when CUDA is not yet initialised here, which is the case in the job. A fork
@@ -82,9 +124,9 @@ class VllmEngine:
         # at config.json's max_seq_len unless allowed. Safe here: MTGR has no position table to overrun.
         os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
         self.max_logprobs = cfg.max_logprobs
-        self.item_offset = checkpoint.layout.item_offset
-        self.num_items = checkpoint.config.num_items
-        self.llm = LLM(model=checkpoint.path, **kwargs)
+        self.item_offset = TokenLayout(config).item_offset
+        self.num_items = config.num_items
+        self.llm = LLM(model=path, **kwargs)
         self.exclude_seen = True  # the model's default
 
     def score(self, batch: UserBatch, top_k: int, exclude_seen: bool) -> TopK:

@@ -1,0 +1,176 @@
+"""Several engines of one kind, each in its own process, sharing the batches: an engine pool.
+
+vLLM spends about 1 ms of host time per request in ``LLM.generate`` while its GPU work per user is a fifth of
+that (bench/RESULTS.md, issue 6), so one vLLM engine leaves the GPU idle most of the time. A pool runs
+``instances`` engines side by side, on one GPU, each in a spawned process with its own Python interpreter, and
+gives each a contiguous slice of every batch, balanced by tokens. Results come back in user order; each user is
+scored by exactly one engine, so the output is the same for any number of instances.
+
+The pool knows nothing of vLLM: ``factory(instance)`` builds the engine inside the child process.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from batch.engines.base import Engine, TopK, UserBatch
+from batch.errors import ConfigError
+
+log = logging.getLogger("batch.engines.pool")
+
+EngineFactory = Callable[[int], Engine]  # picklable (a module-level function or a functools.partial of one)
+CLOSE_TIMEOUT_S = 120.0  # an engine that has not shut down by then is killed
+
+
+class EngineFailed(RuntimeError):
+    """An engine process raised an error it could not send back as itself, or died."""
+
+
+class EnginePool:
+    """``instances`` engines in child processes behind the :class:`Engine` interface."""
+
+    def __init__(self, factory: EngineFactory, instances: int, name: str = "engine"):
+        if instances < 1:
+            raise ValueError(f"an engine pool needs at least one instance, got {instances}")
+        self.name = name
+        ctx = mp.get_context("spawn")  # a fork would copy the job's threads (Polars, CUDA) into the child
+        self._procs: list[mp.process.BaseProcess] = []
+        self._conns: list[Connection] = []
+        try:
+            for i in range(instances):
+                parent_end, child_end = ctx.Pipe()
+                proc = ctx.Process(target=_serve, args=(factory, i, child_end, os.getpid()), name=f"{name}-{i}")
+                proc.start()
+                child_end.close()
+                self._procs.append(proc)
+                self._conns.append(parent_end)
+            t0 = time.perf_counter()
+            for i in range(instances):
+                self._receive(i)  # "ready", or the error that stopped the engine from starting
+            log.info("%s pool: %d instances ready in %.1fs", name, instances, time.perf_counter() - t0)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def instances(self) -> int:
+        return len(self._procs)
+
+    def score(self, batch: UserBatch, top_k: int, exclude_seen: bool) -> TopK:
+        """Top-K of every user (see Engine.score): the users are split by tokens, each slice to one instance."""
+        parts = split_by_tokens(batch.offsets, self.instances)
+        busy = []
+        for i, (start, stop) in enumerate(parts):
+            if stop > start:
+                self._conns[i].send((batch.select(slice(start, stop)), top_k, exclude_seen))
+                busy.append(i)
+        results, errors = {}, []
+        for i in busy:  # read every answer before raising, so no stale answer is left in a pipe
+            try:
+                results[i] = self._receive(i)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+        if errors:
+            raise errors[0]
+        items = [results[i].items for i in busy] or [np.full((0, top_k), -1, dtype=np.int64)]
+        scores = [results[i].scores for i in busy] or [np.full((0, top_k), -np.inf, dtype=np.float32)]
+        return TopK(np.concatenate(items), np.concatenate(scores))
+
+    def _receive(self, i: int) -> Any:
+        """Instance i's answer; its error re-raised here; EngineFailed if it died without answering."""
+        conn, proc = self._conns[i], self._procs[i]
+        while not conn.poll(1.0):
+            if not proc.is_alive() and not conn.poll():
+                raise EngineFailed(f"{self.name} instance {i} (pid {proc.pid}) exited with code {proc.exitcode} "
+                                   "without an answer; its log is above")
+        try:
+            status, value = conn.recv()
+        except EOFError:
+            proc.join(5.0)
+            raise EngineFailed(f"{self.name} instance {i} (pid {proc.pid}) closed its pipe (exit code "
+                               f"{proc.exitcode}); its log is above") from None
+        if status == "error":
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Ask every instance to shut its engine down; kill what has not exited after CLOSE_TIMEOUT_S."""
+        for conn in self._conns:
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        for proc in self._procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.warning("%s: %s did not exit in %.0fs; killing it", self.name, proc.name, CLOSE_TIMEOUT_S)
+                proc.kill()
+                proc.join()
+        for conn in self._conns:
+            conn.close()
+        self._procs, self._conns = [], []
+
+
+def split_by_tokens(offsets: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """``parts`` consecutive user ranges covering all users, with about the same number of tokens each."""
+    offsets = np.asarray(offsets)
+    num_users, total = len(offsets) - 1, int(offsets[-1])
+    targets = np.arange(1, parts) * total / parts
+    cuts = np.searchsorted(offsets, targets, side="left").clip(0, num_users)
+    bounds = [0, *np.maximum.accumulate(cuts).tolist(), num_users]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _serve(factory: EngineFactory, instance: int, conn: Connection, parent: int) -> None:
+    """The child: build the engine, answer ``(batch, top_k, exclude_seen)`` messages until None or the pipe closes."""
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [instance {instance}] %(name)s: "
+                                                   "%(message)s")
+    try:
+        engine = factory(instance)
+    except BaseException as e:  # noqa: BLE001 (everything goes back to the job)
+        conn.send(("error", _portable(e, instance)))
+        return
+    try:
+        conn.send(("ok", None))
+        while True:
+            try:
+                message = conn.recv()
+            except EOFError:
+                return
+            if message is None:
+                return
+            try:
+                conn.send(("ok", engine.score(*message)))
+            except Exception as e:  # noqa: BLE001
+                conn.send(("error", _portable(e, instance)))
+    finally:
+        engine.close()
+
+
+def _portable(error: BaseException, instance: int) -> BaseException:
+    """The error itself when it survives pickling as itself (ConfigError, ValueError, ...), else EngineFailed with
+    its traceback."""
+    if isinstance(error, (ConfigError, ValueError, TypeError, RuntimeError)) and type(error).__module__ in (
+            "builtins", ConfigError.__module__):
+        return error
+    text = "".join(traceback.format_exception(error)).rstrip()
+    return EngineFailed(f"instance {instance} failed:\n{text}")
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A job killed with SIGKILL cannot stop its engines: an orphaned engine process exits on its own."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)

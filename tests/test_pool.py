@@ -1,0 +1,172 @@
+"""EnginePool: engines in child processes behind the Engine interface (vLLM's pool), tested with torch engines on CPU.
+
+The factories are module-level so that the spawned children can unpickle them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from batch.config import Device, DType, TorchEngineConfig
+from batch.engines.base import TopK, UserBatch
+from batch.engines.pool import EngineFailed, EnginePool, split_by_tokens
+from batch.engines.torch_engine import TorchEngine
+from batch.errors import ConfigError
+from batch.model import load_checkpoint
+
+from conftest import REPO
+
+
+def torch_engine(path: str, instance: int) -> TorchEngine:
+    return TorchEngine(TorchEngineConfig(device=Device.cpu, dtype=DType.float32, batch_tokens=512),
+                       load_checkpoint(path))
+
+
+class Faulty:
+    """Fails as told by the batch's first token: 1 raises ValueError, 2 raises an unpicklable error, 3 exits."""
+
+    def score(self, batch: UserBatch, top_k: int, exclude_seen: bool) -> TopK:
+        kind = int(batch.tokens[0])
+        if kind == 1:
+            raise ValueError("bad batch")
+        if kind == 2:
+            raise Unpicklable(lambda: None)
+        if kind == 3:
+            os._exit(3)
+        return TopK(np.full((len(batch), top_k), instance_token(batch), dtype=np.int64),
+                    np.zeros((len(batch), top_k), dtype=np.float32))
+
+    def close(self) -> None:
+        pass
+
+
+class Unpicklable(Exception):
+    pass
+
+
+def instance_token(batch: UserBatch) -> int:
+    return int(batch.tokens[0])
+
+
+def faulty_engine(instance: int) -> Faulty:
+    return Faulty()
+
+
+def failing_start(instance: int) -> Faulty:
+    if instance == 1:
+        raise ConfigError("engine.x=1 is invalid: expected 0")
+    return Faulty()
+
+
+def batch_of(lengths: list[int], first_tokens: list[int] | None = None, seed: int = 0) -> UserBatch:
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    tokens = rng.integers(10, 500, size=int(offsets[-1])).astype(np.int64)
+    if first_tokens is not None:
+        tokens[offsets[:-1]] = first_tokens
+    return UserBatch(pa.array(np.arange(len(lengths))), tokens, offsets)
+
+
+def test_split_by_tokens_covers_all_users_in_order_with_balanced_tokens():
+    lengths = np.random.default_rng(1).integers(1, 200, size=1000)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    parts = split_by_tokens(offsets, 4)
+    assert parts[0][0] == 0 and parts[-1][1] == 1000
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+    tokens = [offsets[b] - offsets[a] for a, b in parts]
+    assert max(tokens) - min(tokens) <= 2 * lengths.max()
+    few = split_by_tokens(np.array([0, 5, 9]), 4)  # more parts than users: some are empty
+    assert len(few) == 4 and few[0][0] == 0 and few[-1][1] == 2 and all(a[1] == b[0] for a, b in zip(few, few[1:]))
+    assert split_by_tokens(np.array([0]), 3) == [(0, 0)] * 3
+
+
+def test_pool_gives_the_single_engines_results(tiny_checkpoint):
+    path = str(tiny_checkpoint)
+    ckpt = load_checkpoint(path)
+    lay, n = ckpt.layout, ckpt.config.num_items
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(1, ckpt.config.max_seq_len + 1, size=57).tolist()
+    batch = batch_of(lengths)
+    batch.tokens[:] = lay.item_offset + rng.integers(0, n, size=len(batch.tokens))
+    expected = torch_engine(path, 0).score(batch, 7, True)
+    pool = EnginePool(partial(torch_engine, path), 3, "torch")
+    try:
+        for users in (batch, batch.select(slice(0, 2)), batch.select(slice(0, 0))):
+            got = pool.score(users, 7, True)
+            np.testing.assert_array_equal(got.items, expected.items[: len(users)])
+            # A slice is a different GEMM shape on the CPU: scores may differ in the last bit, the order may not.
+            np.testing.assert_allclose(got.scores, expected.scores[: len(users)], rtol=1e-6, atol=1e-6)
+    finally:
+        pool.close()
+
+
+def test_errors_come_back_from_the_instance_that_raised_them():
+    pool = EnginePool(faulty_engine, 2, "faulty")
+    try:
+        ok = pool.score(batch_of([5, 5, 5, 5], [7, 7, 8, 8]), 2, True)
+        assert ok.items[:, 0].tolist() == [7, 7, 8, 8]  # two users per instance, in order
+        with pytest.raises(ValueError, match="bad batch"):
+            pool.score(batch_of([5, 5, 5, 5], [7, 7, 1, 1]), 2, True)
+        with pytest.raises(EngineFailed, match="Unpicklable"):
+            pool.score(batch_of([5, 5], [2, 9]), 2, True)
+        assert pool.score(batch_of([5, 5], [9, 9]), 2, True).items[:, 0].tolist() == [9, 9]  # still serving
+        with pytest.raises(EngineFailed, match="exited with code 3|closed its pipe"):
+            pool.score(batch_of([5, 5], [9, 3]), 2, True)
+    finally:
+        pool.close()
+    assert pool.instances == 0
+
+
+def test_a_failed_start_raises_the_error_and_stops_every_instance():
+    with pytest.raises(ConfigError, match="engine.x=1"):
+        EnginePool(failing_start, 3, "faulty")
+    import multiprocessing
+
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("faulty-")]
+
+
+POOL_THEN_WAIT = """
+import sys, time
+from batch.engines.pool import EnginePool
+sys.path.insert(0, sys.argv[1])
+from test_pool import faulty_engine
+pool = EnginePool(faulty_engine, 2, "faulty")
+print(" ".join(str(p.pid) for p in pool._procs), flush=True)
+time.sleep(600)
+"""
+
+
+def test_instances_exit_when_the_job_is_killed():
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    job = subprocess.Popen([sys.executable, "-c", POOL_THEN_WAIT, str(REPO / "tests")], stdout=subprocess.PIPE,
+                           text=True, env=env, cwd=REPO)
+    try:
+        pids = [int(p) for p in job.stdout.readline().split()]
+        assert len(pids) == 2
+        job.send_signal(signal.SIGKILL)
+        job.wait(10)
+        deadline = time.monotonic() + 15
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = [p for p in pids if _alive(p)]
+        assert not alive, f"engine processes {alive} outlived the killed job"
+    finally:
+        job.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
