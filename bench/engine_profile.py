@@ -162,6 +162,10 @@ def main() -> None:
         record(run, "users_per_s", a.users / s, "users/s")
         record(run, "model_tflops", flops / s / 1e12, "TFLOP/s")
 
+        if getattr(engine, "instances", 1) > 1:  # an EnginePool: its kernels run in other processes
+            print("engine.instances > 1: no kernel profile (the engines run in child processes)", flush=True)
+            engine.close()
+            continue
         sub = users.select(slice(0, a.profile_users))
         sub_tokens = int(sub.lengths.sum())
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
