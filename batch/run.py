@@ -21,12 +21,13 @@ from batch.config import JobConfig, to_job_config, window
 from batch.engines import build_engine
 from batch.engines.base import TopK, recommendations_table
 from batch.errors import BatchError, InputError
-from batch.events import EventSchema, count_rows, scan_events
+from batch.events import EventSchema, EventSource, count_rows, scan_events
 from batch.manifest import RunStats, build_manifest
 from batch.output import OutputWriter
+from batch.model import Checkpoint
 from batch.preset import open_checkpoint
 from batch.progress import ProgressLog
-from batch.reader import ShardReader
+from batch.reader import ShardFiles, ShardReader
 from batch.sequences import SequenceBuilder, ShardSequences
 
 log = logging.getLogger("batch.run")
@@ -39,7 +40,8 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     processes build shards i+1, i+2, ... (``batch.reader``) and a writer thread writes shard i-1, so the device does
     not wait on Polars or Parquet. At most read_workers + 2 shards' sequences are in memory (being built or waiting,
     scored, written): memory grows with read_workers. Shards are still scored and written in order, so the output
-    does not depend on the overlap or the number of readers.
+    does not depend on the overlap or the number of readers. The shards' rows are read from the input once, in a
+    pass that writes each shard's rows to temporary files under ``data.temp_dir`` (``batch.reader.ShardFiles``).
     """
     stats = RunStats()
     with stats.stage("load_checkpoint"):
@@ -53,7 +55,16 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         raise InputError(f"no usable rows in {cfg.data.path!r} for the window ending {cfg.data.run_date} "
                          f"({stats.counts['rows_read']} read, dropped: {stats.rows_dropped or 'none'})")
     builder = SequenceBuilder(ckpt, schema, cfg.data.max_seq_len)
-    num_shards = cfg.data.num_shards
+    with ShardFiles(source, cfg.data.num_shards, cfg.data.temp_dir) as shards:  # removed on exit, whatever happens
+        with stats.stage("scan"):  # one more pass over the input: each shard's rows to its files
+            shards.write()
+        return _score(cfg, ckpt, source, shards, builder, stats)
+
+
+def _score(cfg: JobConfig, ckpt: Checkpoint, source: EventSource, shards: ShardFiles, builder: SequenceBuilder,
+           stats: RunStats) -> dict[str, Any]:
+    """Read, score and write the shards (overlapped) and publish; returns the manifest."""
+    num_shards = shards.num_shards
 
     def save(shard: int, seqs: ShardSequences, top: TopK, t0: float) -> None:  # writer thread
         with stats.stage("write"):
@@ -62,7 +73,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         stats.add_shard(seqs, recs.num_rows)
         progress.shard_done(shard, len(seqs.batch), seqs.events_used, time.perf_counter() - t0)
 
-    with ShardReader(source, builder, num_shards, cfg.data.read_workers) as reader:
+    with ShardReader(shards, builder, cfg.data.read_workers) as reader:
         log.info("%d reader process(es), %d Polars threads each", reader.workers, reader.threads)
         with stats.stage("engine_start"):  # the readers build the first shards meanwhile
             engine = build_engine(cfg.engine, ckpt)
@@ -91,9 +102,9 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
 
 def absolute_paths(cfg: JobConfig) -> JobConfig:
     """Resolve local relative paths against the directory the job was started from."""
-    for group, key in ((cfg.data, "path"), (cfg.model, "checkpoint"), (cfg.output, "path")):
+    for group, key in ((cfg.data, "path"), (cfg.data, "temp_dir"), (cfg.model, "checkpoint"), (cfg.output, "path")):
         value = getattr(group, key)
-        if "://" not in value:
+        if value is not None and "://" not in value:
             setattr(group, key, to_absolute_path(value))
     return cfg
 

@@ -72,6 +72,11 @@ def shard_of(column: str, dtype: pl.DataType, num_shards: int) -> pl.Expr:
     return hashed % num_shards
 
 
+def in_window() -> pl.Expr:
+    """The rows a shard reads: those inside the run window, clean or dirty (so skipped users can be counted)."""
+    return pl.col(DROP_REASON).is_null() | (pl.col(DROP_REASON) != OUT_OF_WINDOW)
+
+
 # -- per-shard sequences -------------------------------------------------------------------------------------------
 
 @dataclass
@@ -106,8 +111,7 @@ class SequenceBuilder:
     def shard_frame(self, frame: pl.LazyFrame, shard: int, num_shards: int) -> pl.LazyFrame:
         """Rows of one shard inside the window (clean and dirty, so skipped users can be counted)."""
         user_type = frame.collect_schema()["user_id"]
-        return frame.filter(shard_of("user_id", user_type, num_shards) == shard,
-                            pl.col(DROP_REASON).is_null() | (pl.col(DROP_REASON) != OUT_OF_WINDOW))
+        return frame.filter(shard_of("user_id", user_type, num_shards) == shard, in_window())
 
     def build(self, rows: pl.DataFrame) -> ShardSequences:
         """Sequences of the users in ``rows`` (a collected shard frame, any row order).

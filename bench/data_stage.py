@@ -12,9 +12,11 @@
 2. Writes a small random-weight checkpoint whose ItemVocab has ``--vocab-items`` items (default 190,000) and
    whose ``max_seq_len`` is ``--max-seq-len`` tokens (default 256); weights are irrelevant here.
 3. For each ``num_shards`` runs a fresh subprocess that does what the job's data stage does —
-   ``scan_events`` (list, prune, footer checks, lazy scan), ``count_rows`` (drop reasons, one pass), then per
-   shard ``SequenceBuilder.shard_frame(...).collect()`` (shard_read) + ``build`` (sort, last-N, tokenise:
-   sequences) — and reports wall time, CPU time (user + system, all threads) and ``ru_maxrss``, with the
+   ``scan_events`` (list, prune, footer checks, lazy scan), ``count_rows`` (drop reasons, one pass) and one
+   pass that writes each shard's rows to its temporary files (``ShardFiles.write``; all three: scan_validate;
+   before 2026-11-27 each shard scanned the whole input in shard_read instead), then per
+   shard ``ShardFiles.frame(k)`` collected (shard_read) + ``build`` (sort, last-N, tokenise: sequences) — and
+   reports wall time, CPU time (user + system, all threads) and ``ru_maxrss``, with the
    1-minute load average around it.
 4. Appends one JSON line per number to ``--results`` (default bench/results.jsonl). Numbers are printed, never
    asserted.
@@ -168,6 +170,7 @@ def measure(events_dir: Path, checkpoint: Path, num_shards: int) -> dict:
     from batch.config import DEFAULT_COLUMNS, DataConfig, window
     from batch.events import EventSchema, count_rows, scan_events
     from batch.model import load_checkpoint
+    from batch.reader import ShardFiles
     from batch.sequences import SequenceBuilder
 
     ckpt = load_checkpoint(str(checkpoint))
@@ -177,32 +180,36 @@ def measure(events_dir: Path, checkpoint: Path, num_shards: int) -> dict:
 
     t0, c0 = time.perf_counter(), _cpu_s()
     source = scan_events(str(events_dir), schema, window=win)
-    counts = count_rows(source.frame, ckpt.items.item_ids)
-    t1, c1 = time.perf_counter(), _cpu_s()
-    builder = SequenceBuilder(ckpt, schema)
-    users = tokens = used = 0
-    digest = hashlib.sha256()  # of every shard's users, tokens and counts: equal output, equal digest
-    read_s = build_s = read_cpu = build_cpu = 0.0
-    for shard in range(num_shards):
-        ta, ca = time.perf_counter(), _cpu_s()
-        rows = builder.shard_frame(source.frame, shard, num_shards).collect()
-        tb, cb = time.perf_counter(), _cpu_s()
-        seq = builder.build(rows)
-        read_s, build_s = read_s + tb - ta, build_s + time.perf_counter() - tb
-        read_cpu, build_cpu = read_cpu + cb - ca, build_cpu + _cpu_s() - cb
-        users += len(seq.batch.user_ids)
-        tokens += len(seq.batch.tokens)
-        for part in (seq.batch.user_ids.to_numpy(), seq.batch.tokens, seq.batch.offsets,
-                     np.array([seq.users_in, seq.users_skipped, seq.events_in, seq.events_used, seq.events_oov])):
-            digest.update(np.ascontiguousarray(part).tobytes())
-        used += seq.events_used
-        del rows, seq
+    counts = count_rows(source, ckpt.items.item_ids)
+    with ShardFiles(source, num_shards) as shards:
+        shards.write()
+        t1, c1 = time.perf_counter(), _cpu_s()
+        files_mb = sum(p.stat().st_size for p in Path(shards.path).iterdir()) / 2**20 if shards.path else 0.0
+        builder = SequenceBuilder(ckpt, schema)
+        users = tokens = used = 0
+        digest = hashlib.sha256()  # of every shard's users, tokens and counts: equal output, equal digest
+        read_s = build_s = read_cpu = build_cpu = 0.0
+        for shard in range(num_shards):
+            ta, ca = time.perf_counter(), _cpu_s()
+            rows = source.collect(shards.frame(shard))
+            tb, cb = time.perf_counter(), _cpu_s()
+            seq = builder.build(rows)
+            read_s, build_s = read_s + tb - ta, build_s + time.perf_counter() - tb
+            read_cpu, build_cpu = read_cpu + cb - ca, build_cpu + _cpu_s() - cb
+            users += len(seq.batch.user_ids)
+            tokens += len(seq.batch.tokens)
+            for part in (seq.batch.user_ids.to_numpy(), seq.batch.tokens, seq.batch.offsets,
+                         np.array([seq.users_in, seq.users_skipped, seq.events_in, seq.events_used, seq.events_oov])):
+                digest.update(np.ascontiguousarray(part).tobytes())
+            used += seq.events_used
+            del rows, seq
     t2 = time.perf_counter()
     return {"rows_read": counts["rows_read"], "rows_clean": counts["rows_clean"], "users": users,
             "events_used": used, "tokens": tokens, "digest": digest.hexdigest()[:16],
             "scan_validate_s": t1 - t0, "shard_read_s": read_s,
             "sequences_s": build_s, "wall_s": t2 - t0, "scan_validate_cpu_s": c1 - c0,
-            "shard_read_cpu_s": read_cpu, "sequences_cpu_s": build_cpu, "rss_after_setup_mb": rss_setup,
+            "shard_read_cpu_s": read_cpu, "sequences_cpu_s": build_cpu, "shard_files_mb": files_mb,
+            "rss_after_setup_mb": rss_setup,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -280,7 +287,8 @@ def main() -> None:
                    ("scan_validate", r["scan_validate_s"], "s"), ("shard_read", r["shard_read_s"], "s"),
                    ("sequences", r["sequences_s"], "s"), ("scan_validate_cpu", r["scan_validate_cpu_s"], "s"),
                    ("shard_read_cpu", r["shard_read_cpu_s"], "s"), ("sequences_cpu", r["sequences_cpu_s"], "s"),
-                   ("peak_rss", r["peak_rss_mb"], "MiB"), ("rss_after_setup", r["rss_after_setup_mb"], "MiB")]
+                   ("shard_files", r["shard_files_mb"], "MiB"), ("peak_rss", r["peak_rss_mb"], "MiB"),
+                   ("rss_after_setup", r["rss_after_setup_mb"], "MiB")]
         print(f"num_shards={n}: {r['rows_read']:,} events, {r['users']:,} users, {r['tokens']:,} tokens, "
               f"digest {r['digest']} | "
               + ", ".join(f"{m} {v:,.1f} {u}" for m, v, u in metrics), flush=True)

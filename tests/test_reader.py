@@ -6,14 +6,16 @@ import datetime as dt
 import os
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import polars as pl
 import pytest
 
 from batch.errors import ConfigError, InputError
 from batch.events import scan_events
-from batch.reader import ShardReader, reader_count
+from batch.reader import ShardFiles, ShardReader, reader_count
 from batch.run import run_job
 from batch.sequences import SequenceBuilder
 
@@ -25,9 +27,18 @@ WINDOW = (RUN_DATE - dt.timedelta(days=28), RUN_DATE)
 
 
 def reader(events: Path, checkpoint, schema, num_shards: int, workers: int,
-           builder: type[SequenceBuilder] = SequenceBuilder) -> ShardReader:
-    return ShardReader(scan_events(str(events), schema, window=WINDOW), builder(checkpoint, schema), num_shards,
-                       workers)
+           files: type[ShardFiles] = ShardFiles):
+    """Scans now; entering writes the shard files and starts the readers (as the job does)."""
+    return _reading(files(scan_events(str(events), schema, window=WINDOW), num_shards),
+                    SequenceBuilder(checkpoint, schema), workers)
+
+
+@contextmanager
+def _reading(files: ShardFiles, builder: SequenceBuilder, workers: int) -> Iterator[ShardReader]:
+    with files as shards:
+        shards.write()
+        with ShardReader(shards, builder, workers) as r:
+            yield r
 
 
 def test_read_workers_do_not_change_results(tmp_path, events_dir, tiny_checkpoint):
@@ -40,8 +51,8 @@ def test_read_workers_do_not_change_results(tmp_path, events_dir, tiny_checkpoin
     assert runs[1].height > 0 and runs[1].equals(runs[3])  # same rows in the same order, same scores
 
 
-def _user_ids(r: ShardReader) -> list[list]:
-    with r:
+def _user_ids(reading) -> list[list]:
+    with reading as r:
         return [r.take().seqs.batch.user_ids.to_pylist() for _ in range(r.num_shards)]
 
 
@@ -78,11 +89,11 @@ def test_each_reader_gets_its_share_of_polars_threads(events_dir, checkpoint, sc
     assert {threads for _, threads in seen} == {share} and os.environ.get("POLARS_MAX_THREADS") == budget
 
 
-class FailsOnShard2(SequenceBuilder):
-    def shard_frame(self, frame: pl.LazyFrame, shard: int, num_shards: int) -> pl.LazyFrame:
+class FailsOnShard2(ShardFiles):
+    def frame(self, shard: int) -> pl.LazyFrame:
         if shard == 2:
             raise InputError("shard 2: cannot be read")
-        return super().shard_frame(frame, shard, num_shards)
+        return super().frame(shard)
 
 
 def test_a_reader_error_surfaces_unchanged_in_shard_order(events_dir, checkpoint, schema):
@@ -125,11 +136,13 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("sig, when", [(signal.SIGKILL, "reader process(es)"), (signal.SIGKILL, " done ("),
                                        (signal.SIGTERM, " done (")])
 def test_killed_job_leaves_no_reader_processes(tmp_path, sig, when):
-    """Killed while its readers still start (they see the job gone once up) or while they build shards."""
+    """Killed while its readers still start (they see the job gone once up) or while they build shards; the
+    shard files go with them (SIGKILL: the orphaned readers remove them; SIGTERM: the job unwinds)."""
     from tests._sample_job import job_args, job_env, sample_checkpoint
 
+    temp = tmp_path / "shards"
     proc = start(job_args(sample_checkpoint(tmp_path), f"output.path={tmp_path / 'recs'}", "data.num_shards=24",
-                          "data.read_workers=3"), env=job_env(tmp_path / "logs"))
+                          "data.read_workers=3", f"data.temp_dir={temp}"), env=job_env(tmp_path / "logs"))
     log = []
     for line in iter(proc.stdout.readline, ""):
         log.append(line)
@@ -144,6 +157,7 @@ def test_killed_job_leaves_no_reader_processes(tmp_path, sig, when):
         while any(map(_alive, readers)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not [p for p in readers if _alive(p)], "".join(log)[-3000:]
+        assert temp.is_dir() and not list(temp.iterdir()), "".join(log)[-3000:]
     finally:  # a failed check leaves no orphans behind on the test machine
         for pid in filter(_alive, readers):
             os.kill(pid, signal.SIGKILL)
