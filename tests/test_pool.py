@@ -98,7 +98,7 @@ def test_pool_gives_the_single_engines_results(tiny_checkpoint):
     batch = batch_of(lengths)
     batch.tokens[:] = lay.item_offset + rng.integers(0, n, size=len(batch.tokens))
     expected = torch_engine(path, 0).score(batch, 7, True)
-    pool = EnginePool(partial(torch_engine, path), 3, "torch")
+    pool = EnginePool(partial(torch_engine, path), 3, "torch", chunk_tokens=150)  # ~9 chunks per instance
     try:
         for users in (batch, batch.select(slice(0, 2)), batch.select(slice(0, 0))):
             got = pool.score(users, 7, True)
@@ -110,17 +110,19 @@ def test_pool_gives_the_single_engines_results(tiny_checkpoint):
 
 
 def test_errors_come_back_from_the_instance_that_raised_them():
-    pool = EnginePool(faulty_engine, 2, "faulty")
+    pool = EnginePool(faulty_engine, 2, "faulty")  # 2 chunks per batch here: one per instance
     try:
         ok = pool.score(batch_of([5, 5, 5, 5], [7, 7, 8, 8]), 2, True)
         assert ok.items[:, 0].tolist() == [7, 7, 8, 8]  # two users per instance, in order
         with pytest.raises(ValueError, match="bad batch"):
             pool.score(batch_of([5, 5, 5, 5], [7, 7, 1, 1]), 2, True)
-        with pytest.raises(EngineFailed, match="Unpicklable"):
+        with pytest.raises(RuntimeError, match="Unpicklable"):  # sent back as text, the instance serves on
             pool.score(batch_of([5, 5], [2, 9]), 2, True)
         assert pool.score(batch_of([5, 5], [9, 9]), 2, True).items[:, 0].tolist() == [9, 9]  # still serving
         with pytest.raises(EngineFailed, match="exited with code 3|closed its pipe"):
             pool.score(batch_of([5, 5], [9, 3]), 2, True)
+        with pytest.raises(EngineFailed, match="instance 1"):  # one instance is gone: the pool scores no more
+            pool.score(batch_of([5, 5], [9, 9]), 2, True)
     finally:
         pool.close()
     assert pool.instances == 0

@@ -2,9 +2,12 @@
 
 vLLM spends about 1 ms of host time per request in ``LLM.generate`` while its GPU work per user is a fifth of
 that (bench/RESULTS.md, issue 6), so one vLLM engine leaves the GPU idle most of the time. A pool runs
-``instances`` engines side by side, on one GPU, each in a spawned process with its own Python interpreter, and
-gives each a contiguous slice of every batch, balanced by tokens. Results come back in user order; each user is
-scored by exactly one engine, so the output is the same for any number of instances.
+``instances`` engines side by side, on one GPU, each in a spawned process with its own Python interpreter. A batch
+is cut into contiguous chunks of about ``chunk_tokens`` tokens (a multiple of ``instances`` of them), and an
+instance that finishes a chunk takes the next one: the instances drift apart, so one's host work (adding requests,
+reading results) overlaps the others' GPU work, and no instance idles at the end of a batch for long. Results come
+back in user order; each user is scored by exactly one engine, so the output is the same for any number of
+instances or chunks.
 
 The pool knows nothing of vLLM: ``factory(instance)`` builds the engine inside the child process.
 """
@@ -17,8 +20,9 @@ import os
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import numpy as np
@@ -33,16 +37,19 @@ CLOSE_TIMEOUT_S = 120.0  # an engine that has not shut down by then is killed
 
 
 class EngineFailed(RuntimeError):
-    """An engine process raised an error it could not send back as itself, or died."""
+    """An engine process died (or closed its pipe): the pool cannot score any more."""
 
 
 class EnginePool:
     """``instances`` engines in child processes behind the :class:`Engine` interface."""
 
-    def __init__(self, factory: EngineFactory, instances: int, name: str = "engine"):
-        if instances < 1:
-            raise ValueError(f"an engine pool needs at least one instance, got {instances}")
+    def __init__(self, factory: EngineFactory, instances: int, name: str = "engine", chunk_tokens: int = 1 << 18):
+        if instances < 1 or chunk_tokens < 1:
+            raise ValueError(f"an engine pool needs instances >= 1 and chunk_tokens >= 1, got {instances}, "
+                             f"{chunk_tokens}")
         self.name = name
+        self.chunk_tokens = chunk_tokens
+        self._broken: str | None = None  # set when an instance died: the pool cannot score any more
         ctx = mp.get_context("spawn")  # a fork would copy the job's threads (Polars, CUDA) into the child
         self._procs: list[mp.process.BaseProcess] = []
         self._conns: list[Connection] = []
@@ -67,24 +74,43 @@ class EnginePool:
         return len(self._procs)
 
     def score(self, batch: UserBatch, top_k: int, exclude_seen: bool) -> TopK:
-        """Top-K of every user (see Engine.score): the users are split by tokens, each slice to one instance."""
-        parts = split_by_tokens(batch.offsets, self.instances)
-        busy = []
-        for i, (start, stop) in enumerate(parts):
-            if stop > start:
+        """Top-K of every user (see Engine.score): chunks of users go to whichever instance is free."""
+        if self._broken:
+            raise EngineFailed(self._broken)
+        n = self.instances
+        count = n * max(1, -(-int(batch.offsets[-1]) // (self.chunk_tokens * n)))
+        todo = deque((c, part) for c, part in enumerate(split_by_tokens(batch.offsets, count)) if part[1] > part[0])
+        results: dict[int, TopK] = {}
+        errors: list[Exception] = []
+        running: dict[int, int] = {}  # instance -> chunk
+
+        def feed(i: int) -> None:
+            if todo and not errors:
+                c, (start, stop) = todo.popleft()
                 self._conns[i].send((batch.select(slice(start, stop)), top_k, exclude_seen))
-                busy.append(i)
-        results, errors = {}, []
-        for i in busy:  # read every answer before raising, so no stale answer is left in a pipe
-            try:
-                results[i] = self._receive(i)
-            except Exception as e:  # noqa: BLE001
-                errors.append(e)
+                running[i] = c
+
+        for i in range(n):
+            feed(i)
+        while running:  # every sent chunk is answered (or its instance is gone) before we return or raise
+            ready = set(wait([self._conns[i] for i in running] + [self._procs[i].sentinel for i in running]))
+            for i in [i for i in running if self._conns[i] in ready or self._procs[i].sentinel in ready]:
+                c = running.pop(i)
+                try:
+                    results[c] = self._receive(i)
+                except EngineFailed as e:
+                    self._broken = str(e)
+                    errors.append(e)
+                except Exception as e:  # noqa: BLE001 (an error of the batch: the instance serves on)
+                    errors.append(e)
+                if self._broken is None:
+                    feed(i)
         if errors:
             raise errors[0]
-        items = [results[i].items for i in busy] or [np.full((0, top_k), -1, dtype=np.int64)]
-        scores = [results[i].scores for i in busy] or [np.full((0, top_k), -np.inf, dtype=np.float32)]
-        return TopK(np.concatenate(items), np.concatenate(scores))
+        parts = [results[c] for c in sorted(results)]
+        if not parts:
+            return TopK(np.full((0, top_k), -1, dtype=np.int64), np.full((0, top_k), -np.inf, dtype=np.float32))
+        return TopK(np.concatenate([p.items for p in parts]), np.concatenate([p.scores for p in parts]))
 
     def _receive(self, i: int) -> Any:
         """Instance i's answer; its error re-raised here; EngineFailed if it died without answering."""
@@ -160,13 +186,13 @@ def _serve(factory: EngineFactory, instance: int, conn: Connection, parent: int)
 
 
 def _portable(error: BaseException, instance: int) -> BaseException:
-    """The error itself when it survives pickling as itself (ConfigError, ValueError, ...), else EngineFailed with
-    its traceback."""
+    """The error itself when it survives pickling as itself (ConfigError, ValueError, ...), else a RuntimeError
+    carrying its traceback."""
     if isinstance(error, (ConfigError, ValueError, TypeError, RuntimeError)) and type(error).__module__ in (
             "builtins", ConfigError.__module__):
         return error
     text = "".join(traceback.format_exception(error)).rstrip()
-    return EngineFailed(f"instance {instance} failed:\n{text}")
+    return RuntimeError(f"instance {instance} failed:\n{text}")
 
 
 def _exit_with_parent(parent: int) -> None:

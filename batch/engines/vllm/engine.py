@@ -40,7 +40,10 @@ def build_vllm_engine(cfg: VllmEngineConfig, path: str, config: MTGRConfig) -> E
     if cfg.instances == 1:
         return VllmEngine(cfg, path, config)
     share = instance_config(cfg, config, current_platform.is_cpu())
-    return EnginePool(partial(_pool_instance, share, path, config), cfg.instances, "vllm")
+    # Chunks of KV_STEPS engine steps: long enough that vLLM's per-call ramp-up and last part-filled step are a
+    # small share, short enough that the instances drift apart and finish a shard close together.
+    return EnginePool(partial(_pool_instance, share, path, config), cfg.instances, "vllm",
+                      chunk_tokens=KV_STEPS * cfg.max_num_batched_tokens)
 
 
 def instance_config(cfg: VllmEngineConfig, config: MTGRConfig, on_cpu: bool) -> VllmEngineConfig:
