@@ -18,12 +18,14 @@ Appends one JSON line per number to ``results`` and prints a table. Numbers are 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import hydra
 import numpy as np
@@ -71,6 +73,9 @@ class BenchConfig:
     profile: list[str] = field(default_factory=list)  # runs made under cProfile instead (vLLM in one process)
     seed: int = 0
     sample_ms: int = 100  # nvidia-smi sampling period
+    # Start NVIDIA's MPS control daemon for the runs (pipe and log directories under workdir; stopped at the end),
+    # so the kernels of an engine pool's processes (engine.instances > 1) share the GPU instead of time-slicing it.
+    mps: bool = False
 
 
 DEFAULT_RUNS = {"torch": ["engine=torch", "engine.dtype=bfloat16"], "vllm": ["engine=vllm_high_throughput"]}
@@ -280,6 +285,30 @@ def device_name() -> str:
     return f"CPU ({os.cpu_count()} cores), torch {torch.__version__}"
 
 
+@contextlib.contextmanager
+def mps_daemon(work: Path) -> Iterator[None]:
+    """NVIDIA's MPS control daemon, private to this benchmark, for the block; jobs started inside connect to it."""
+    control = shutil.which("nvidia-cuda-mps-control")
+    if control is None:
+        raise SystemExit("bench: mps=true needs nvidia-cuda-mps-control (the NVIDIA driver's tools) on PATH")
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(work / "mps" / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(work / "mps" / "log")}
+    before = {k: os.environ.get(k) for k in env}
+    for path in env.values():
+        Path(path).mkdir(parents=True, exist_ok=True)
+    os.environ.update(env)
+    subprocess.run([control, "-d"], check=True)
+    log.info("MPS daemon started (pipe %s)", env["CUDA_MPS_PIPE_DIRECTORY"])
+    try:
+        yield
+    finally:
+        subprocess.run([control], input="quit\n", text=True, check=False)
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def git_commit() -> str:
     if os.environ.get("MTGR_COMMIT"):  # a copied tree (GPU host) may carry a stale .git
         return os.environ["MTGR_COMMIT"]
@@ -313,6 +342,8 @@ def bench(cfg: BenchConfig) -> list[dict[str, Any]]:
              f"(d_model {model_cfg.d_model}, {model_cfg.num_layers} layers, {model_cfg.num_heads} heads, "
              f"{model_cfg.num_items:,} items); {len(events):,} users, mean {events.mean():.0f} events/user in the log, "
              f"mean {lengths.mean():.0f} tokens/user scored; job {' '.join(cfg.job)}")
+    if cfg.mps:
+        shape += "; CUDA MPS daemon on"
     if cfg.label:
         shape += f"; {cfg.label}"
     records: list[dict[str, Any]] = []
@@ -325,6 +356,13 @@ def bench(cfg: BenchConfig) -> list[dict[str, Any]]:
             with open(to_absolute_path(cfg.results), "a") as f:
                 f.write(json.dumps(records[-1]) + "\n")
 
+    with mps_daemon(work) if cfg.mps else contextlib.nullcontext():
+        return _measure(cfg, work, ckpt, model_cfg, events_used, lengths, shape, record, records)
+
+
+def _measure(cfg: BenchConfig, work: Path, ckpt: Path, model_cfg: MTGRConfig, events_used: int, lengths: np.ndarray,
+             shape: str, record, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs, the ratio and the seed table of :func:`bench`."""
     peak = None
     if torch.cuda.is_available():
         peak = matmul_peak_tflops()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import polars as pl
@@ -70,3 +71,29 @@ def test_bench_runs_the_job_and_records_every_number(tmp_path):
     a, b = (pl.read_parquet(tmp_path / "work" / "out" / r / "dt=2026-11-01" / "part-0.parquet")
             .sort("user_id", "rank").select("user_id", "item_id") for r in ("small", "big"))
     assert a.equals(b)
+
+
+def test_mps_daemon_starts_and_stops_around_the_runs(tmp_path, monkeypatch):
+    from batch.bench import mps_daemon
+
+    calls = tmp_path / "calls"
+    tool = tmp_path / "bin" / "nvidia-cuda-mps-control"
+    tool.parent.mkdir()
+    tool.write_text(f'#!/bin/sh\necho "args=$* pipe=$CUDA_MPS_PIPE_DIRECTORY stdin=$(cat)" >> {calls}\n')
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}:/usr/bin:/bin")
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    with mps_daemon(tmp_path / "work"):
+        assert os.environ["CUDA_MPS_PIPE_DIRECTORY"] == str(tmp_path / "work" / "mps" / "pipe")
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
+    start, stop = calls.read_text().splitlines()
+    assert start.startswith("args=-d pipe=") and stop.endswith("stdin=quit")
+
+
+def test_mps_without_the_driver_tools_is_a_clear_error(tmp_path, monkeypatch):
+    from batch.bench import mps_daemon
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SystemExit, match="nvidia-cuda-mps-control"):
+        with mps_daemon(tmp_path):
+            pass
