@@ -172,9 +172,7 @@ class SequenceBuilder:
             codes = self.layout.side_codes(all_flags, column("watch_percentage", np.nan, pl.Float64),
                                            column("watch_duration", np.nan, pl.Float64))
             del all_flags
-            if codes.size and self.layout.num_action_tokens < 2**31:
-                codes = codes.astype(np.int32)  # half the bytes to gather
-            return np.take(codes, kept)
+            return np.take(codes, kept)  # codes are narrow (TokenLayout.code_dtype): few bytes to gather
         kept_flags = np.empty((len(kept), len(flags)), dtype=bool)
         for j, f in enumerate(flags):
             kept_flags[:, j] = _gather(rows.get_column(f), kept, fill=False)

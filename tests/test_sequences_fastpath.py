@@ -4,6 +4,7 @@ with many ties, nulls, NaNs and dirty rows."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,6 +12,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
+import batch.model.tokens as tokens
 import batch.sequences as sequences
 from batch.events import DROP_REASON, EventSchema
 from batch.model import EventArrays, ItemVocab, TokenLayout
@@ -144,21 +146,52 @@ def test_build_of_empty_and_all_dirty_shards(checkpoint, schema):
         assert len(got.batch) == 0 and len(got.batch.tokens) == 0 and got.batch.offsets.tolist() == [0]
 
 
-def test_encoder_equals_event_by_event_reference(checkpoint):
+@pytest.mark.parametrize("many_boundaries", [False, True])
+def test_encoder_equals_event_by_event_reference(checkpoint, many_boundaries):
     rng = np.random.default_rng(3)
     layout = checkpoint.layout
-    lengths = [0, 1, 5, 0, 17]
+    if many_boundaries:  # past _MAX_COMPARED: binary search, and side codes too wide for int16
+        cfg = dataclasses.replace(layout.config, watch_percentage_boundaries=list(np.linspace(0.01, 0.99, 99)),
+                                  watch_duration_boundaries=list(np.geomspace(1.0, 3600.0, 90)))
+        layout = TokenLayout(cfg)
+        assert layout.code_dtype == np.int32
+    else:
+        assert layout.code_dtype == np.int16
+    lengths = [0, 1, 5, 0, 17, 40]
     n = sum(lengths)
+    cfg = layout.config
+    on_bounds = lambda bounds: np.asarray(bounds)[rng.integers(0, len(bounds), n)]  # noqa: E731 (values = a bound)
     ev = EventArrays(item_tokens=rng.integers(0, layout.vocab_size, n),
-                     flags=rng.random((n, len(layout.config.action_flags))) < 0.5,
-                     watch_percentage=np.where(rng.random(n) < 0.2, np.nan, rng.random(n) * 1.2),
-                     watch_duration=np.where(rng.random(n) < 0.2, np.nan, rng.exponential(60, n)),
+                     flags=rng.random((n, len(cfg.action_flags))) < 0.5,
+                     watch_percentage=np.where(rng.random(n) < 0.2, np.nan, np.where(
+                         rng.random(n) < 0.3, on_bounds(cfg.watch_percentage_boundaries), rng.random(n) * 1.2)),
+                     watch_duration=np.where(rng.random(n) < 0.2, np.nan, np.where(
+                         rng.random(n) < 0.3, on_bounds(cfg.watch_duration_boundaries), rng.exponential(60, n))),
                      timestamp=np.cumsum(rng.integers(0, 5000, n)) * rng.choice([1, 100], n).cumprod().clip(1, 10**6),
                      offsets=np.cumsum([0, *lengths]))
     profile = rng.integers(-2, 10, (len(lengths), layout.prefix_len))
     got = layout.encode(ev, profile)
     want = reference_encode(layout, ev, profile)
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.int64])
+@pytest.mark.parametrize("compare", [True, False])
+def test_bucketize_equals_a_binary_search(monkeypatch, dtype, compare):
+    """Summed comparisons (few boundaries) and np.searchsorted give the same buckets, in float64 as before:
+    values on a boundary, just around it, infinities, NaN (0), float32 values near a float64 boundary."""
+    if not compare:
+        monkeypatch.setattr(tokens, "_MAX_COMPARED", 0)
+    bounds = [-1.5, 0.0, 0.1, 0.25, 1 / 3, 0.7, 10.0, 2592000.0]  # float32(0.7) < 0.7
+    rng = np.random.default_rng(1)
+    values = np.concatenate([bounds, np.nextafter(bounds, np.inf), np.nextafter(bounds, -np.inf),
+                             [np.nan, -np.inf, np.inf, -2.0, 2592001.0], rng.normal(0, 5, 300)])
+    if dtype == np.int64:
+        values = np.round(values[np.isfinite(values)])
+    values = values.astype(dtype)
+    v64 = values.astype(np.float64)
+    want = np.where(np.isnan(v64), 0, 1 + np.searchsorted(np.asarray(bounds), v64, side="right"))
+    assert np.array_equal(tokens._bucketize(values, bounds), want)
 
 
 @pytest.mark.parametrize("vocab_ids", [np.arange(1000, 1064), np.array([5, -3, 2**40, 7, -2**62]),
