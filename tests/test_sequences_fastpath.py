@@ -72,6 +72,10 @@ def random_rows(schema: EventSchema, n: int, seed: int, users: str, items: list,
     """A collected shard frame: few users, instants and items (many ties), nulls and NaNs, ~10% dirty rows."""
     rng = np.random.default_rng(seed)
     pool = {"small": np.arange(-3, 9), "wide": rng.integers(-2**63, 2**63 - 1, 12, dtype=np.int64),
+            # 41-bit ids around 0 (as batch.synth's 40-bit ids): grouped first, then one sort by (rank, time, row)
+            "spread": rng.integers(-2**40, 2**40, 12, dtype=np.int64),
+            "unsigned": np.concatenate([[2**64 - 1, 2**63, 2**63 - 1, 0], rng.integers(0, 2**64 - 1, 8,
+                                                                                    dtype=np.uint64)]),
             "string": np.asarray(["", "a", "b", "ab", "ä", "zz", "a\0", "B", "user-10", "user-9"])}[users]
     user = pl.Series("user_id", pool[rng.integers(0, len(pool), n)])
     ts = 1_764_000_000 + rng.integers(0, 40, n) * rng.choice([1, 1000], n)
@@ -113,13 +117,14 @@ def string_item_checkpoint(checkpoint):
                            items=ItemVocab(pa.array(ids), np.zeros(len(ids), np.int64), layout.item_offset))
 
 
-@pytest.mark.parametrize("users", ["small", "wide", "string"])
+@pytest.mark.parametrize("users", ["small", "wide", "spread", "unsigned", "string"])
 @pytest.mark.parametrize("ts_sorted", [False, True])
 @pytest.mark.parametrize("max_seq_len", [None, 9, 1])
 @pytest.mark.parametrize("packed_bits", [64, 28, 20, 0])
 def test_build_equals_reference(checkpoint, schema, monkeypatch, users, ts_sorted, max_seq_len, packed_bits):
-    # 64: (user, time, row) packed in one key; 28: too narrow for that, so grouped by user first, then sorted by
-    # (group, time, position); 20: grouped, then the multi-column argsort; 0: that argsort straight away
+    # 64: (user, time, row) packed in one key, or for spread ids grouped by user first, then sorted by (group,
+    # time, row); 28: too narrow for either, so grouped, then sorted by (group, time, position); 20: grouped,
+    # then the multi-column argsort; 0: that argsort straight away
     monkeypatch.setattr(sequences, "_PACKED_BITS", packed_bits)
     items = [int(x) for x in checkpoint.items.item_ids.to_numpy()[:5]] + [777777, 5]  # 2 unknown items
     builder = SequenceBuilder(checkpoint, schema, max_seq_len)
