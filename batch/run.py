@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import Any
 
 import hydra
@@ -18,7 +19,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from batch.config import JobConfig, to_job_config, window
-from batch.engines import build_engine
+from batch.engines import Engine, build_engine
 from batch.engines.base import TopK, recommendations_table
 from batch.errors import BatchError, InputError
 from batch.events import EventSchema, EventSource, count_rows, scan_events
@@ -41,7 +42,8 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     not wait on Polars or Parquet. At most read_workers + 2 shards' sequences are in memory (being built or waiting,
     scored, written): memory grows with read_workers. Shards are still scored and written in order, so the output
     does not depend on the overlap or the number of readers. The shards' rows are read from the input once, in a
-    pass that writes each shard's rows to temporary files under ``data.temp_dir`` (``batch.reader.ShardFiles``).
+    pass that writes each shard's rows to temporary files under ``data.temp_dir`` (``batch.reader.ShardFiles``);
+    that pass and the first shards' reading run while the engine starts.
     """
     stats = RunStats()
     with stats.stage("load_checkpoint"):
@@ -55,16 +57,30 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         raise InputError(f"no usable rows in {cfg.data.path!r} for the window ending {cfg.data.run_date} "
                          f"({stats.counts['rows_read']} read, dropped: {stats.rows_dropped or 'none'})")
     builder = SequenceBuilder(ckpt, schema, cfg.data.max_seq_len)
-    with ShardFiles(source, cfg.data.num_shards, cfg.data.temp_dir) as shards:  # removed on exit, whatever happens
-        with stats.stage("scan"):  # one more pass over the input: each shard's rows to its files
-            shards.write()
-        return _score(cfg, ckpt, source, shards, builder, stats)
+    with ShardFiles(source, cfg.data.num_shards, cfg.data.temp_dir) as shards, ExitStack() as readers:
+        def prepare() -> ShardReader:  # one more pass over the input (each shard's rows to its files), then readers
+            with stats.stage("partition"):
+                shards.write()
+            return readers.enter_context(ShardReader(shards, builder, cfg.data.read_workers))
+
+        # The engine starts while the input is partitioned and the first shards are built: Polars runs on its own
+        # threads and the readers in their own processes, so neither waits for the other.
+        with ThreadPoolExecutor(1, thread_name_prefix="mtgr-prepare") as prep:
+            preparing = prep.submit(prepare)
+            with stats.stage("engine_start"):
+                engine = build_engine(cfg.engine, ckpt)  # on error, the pool's exit waits for prepare first
+        try:
+            reader = preparing.result()
+            log.info("%d reader process(es), %d Polars threads each", reader.workers, reader.threads)
+            return _score(cfg, ckpt, source, reader, engine, stats)
+        finally:
+            engine.close()
 
 
-def _score(cfg: JobConfig, ckpt: Checkpoint, source: EventSource, shards: ShardFiles, builder: SequenceBuilder,
+def _score(cfg: JobConfig, ckpt: Checkpoint, source: EventSource, reader: ShardReader, engine: Engine,
            stats: RunStats) -> dict[str, Any]:
     """Read, score and write the shards (overlapped) and publish; returns the manifest."""
-    num_shards = shards.num_shards
+    num_shards = reader.num_shards
 
     def save(shard: int, seqs: ShardSequences, top: TopK, t0: float) -> None:  # writer thread
         with stats.stage("write"):
@@ -73,31 +89,24 @@ def _score(cfg: JobConfig, ckpt: Checkpoint, source: EventSource, shards: ShardF
         stats.add_shard(seqs, recs.num_rows)
         progress.shard_done(shard, len(seqs.batch), seqs.events_used, time.perf_counter() - t0)
 
-    with ShardReader(shards, builder, cfg.data.read_workers) as reader:
-        log.info("%d reader process(es), %d Polars threads each", reader.workers, reader.threads)
-        with stats.stage("engine_start"):  # the readers build the first shards meanwhile
-            engine = build_engine(cfg.engine, ckpt)
-        try:
-            # Exit order matters: the writer thread finishes before the output is published or aborted.
-            with OutputWriter(cfg.output, run_date=cfg.data.run_date, model_version=ckpt.identity,
-                              checkpoint_hash=ckpt.content_hash) as writer, ProgressLog(num_shards) as progress, \
-                    ThreadPoolExecutor(1, thread_name_prefix="mtgr-write") as writes:
-                written = None
-                for shard in range(num_shards):
-                    t0 = time.perf_counter()
-                    with stats.stage("wait_for_data"):
-                        built = reader.take()
-                    stats.add_stage("read", *built.read)
-                    stats.add_stage("sequences", *built.sequences)
-                    with stats.stage("score"):
-                        top = engine.score(built.seqs.batch, cfg.output.top_k, cfg.output.exclude_seen)
-                    if written is not None:
-                        written.result()  # one shard in the writer at a time, and its errors surface here
-                    written = writes.submit(save, shard, built.seqs, top, t0)
-                written.result()
-                return writer.publish(build_manifest(cfg, ckpt, source, stats))
-        finally:
-            engine.close()
+    # Exit order matters: the writer thread finishes before the output is published or aborted.
+    with OutputWriter(cfg.output, run_date=cfg.data.run_date, model_version=ckpt.identity,
+                      checkpoint_hash=ckpt.content_hash) as writer, ProgressLog(num_shards) as progress, \
+            ThreadPoolExecutor(1, thread_name_prefix="mtgr-write") as writes:
+        written = None
+        for shard in range(num_shards):
+            t0 = time.perf_counter()
+            with stats.stage("wait_for_data"):
+                built = reader.take()
+            stats.add_stage("read", *built.read)
+            stats.add_stage("sequences", *built.sequences)
+            with stats.stage("score"):
+                top = engine.score(built.seqs.batch, cfg.output.top_k, cfg.output.exclude_seen)
+            if written is not None:
+                written.result()  # one shard in the writer at a time, and its errors surface here
+            written = writes.submit(save, shard, built.seqs, top, t0)
+        written.result()
+        return writer.publish(build_manifest(cfg, ckpt, source, stats))
 
 
 def absolute_paths(cfg: JobConfig) -> JobConfig:
