@@ -130,10 +130,12 @@ class SequenceBuilder:
         if len(counts) == len(starts) and (counts == ends - starts).all():
             kept, kept_times = order, times  # nobody has more than n events
         else:
-            at = np.repeat(lo - (np.cumsum(counts) - counts), counts)  # kept event k -> position in order
-            at += np.arange(len(at), dtype=np.int64)
-            kept, kept_times = order[at], times[at]
-            del at
+            cut = np.zeros(len(order) + 1, dtype=np.int8)  # +1 where a user's dropped events begin, -1 after
+            np.add.at(cut, starts, 1)
+            np.add.at(cut, np.maximum(starts, np.append(starts[1:], len(order)) - self.max_events), -1)
+            keep = np.cumsum(cut[:-1], dtype=np.int8) == 0
+            kept, kept_times = order[keep], times[keep]
+            del cut, keep
 
         user_ids = _take(rows, "user_id", order[lo])
         users_in = len(starts)
@@ -260,7 +262,9 @@ def _order_key(values: pl.Series) -> tuple[np.ndarray, int, int]:
     if len(raw) == 0:
         return raw.view(np.uint64), 0, 0
     low, high = int(raw.min()), int(raw.max())
-    key = raw.view(np.uint64) - np.uint64(low & _MASK64)  # wraps to the right offset: high - low < 2**64
+    key = raw.view(np.uint64)
+    # wraps to the right offset (high - low < 2**64); in place when the array is a copy of our own
+    key = np.subtract(key, np.uint64(low & _MASK64), out=key if raw.flags.writeable and raw.flags.owndata else None)
     return key, (high - low).bit_length(), low
 
 

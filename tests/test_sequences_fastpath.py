@@ -151,17 +151,23 @@ def test_build_of_empty_and_all_dirty_shards(checkpoint, schema):
         assert len(got.batch) == 0 and len(got.batch.tokens) == 0 and got.batch.offsets.tolist() == [0]
 
 
-@pytest.mark.parametrize("many_boundaries", [False, True])
-def test_encoder_equals_event_by_event_reference(checkpoint, many_boundaries):
+@pytest.mark.parametrize("variant", ["default", "many_boundaries", "huge"])
+def test_encoder_equals_event_by_event_reference(checkpoint, variant):
     rng = np.random.default_rng(3)
     layout = checkpoint.layout
-    if many_boundaries:  # past _MAX_COMPARED: binary search, and side codes too wide for int16
+    if variant == "many_boundaries":  # past _MAX_COMPARED: binary search, and side codes too wide for int16
         cfg = dataclasses.replace(layout.config, watch_percentage_boundaries=list(np.linspace(0.01, 0.99, 99)),
                                   watch_duration_boundaries=list(np.geomspace(1.0, 3600.0, 90)))
         layout = TokenLayout(cfg)
-        assert layout.code_dtype == np.int32
+        assert (layout.code_dtype, layout.action_dtype) == (np.int32, np.int32)
+    elif variant == "huge":  # 2**8 * 3002**2 side codes: codes and action tokens past int32, in int64
+        cfg = dataclasses.replace(layout.config, action_flags=[f"f{j}" for j in range(8)],
+                                  watch_percentage_boundaries=list(np.linspace(0.0, 1.0, 3000)),
+                                  watch_duration_boundaries=list(np.geomspace(1.0, 3600.0, 3000)))
+        layout = TokenLayout(cfg)
+        assert (layout.code_dtype, layout.action_dtype) == (np.int64, np.int64)
     else:
-        assert layout.code_dtype == np.int16
+        assert (layout.code_dtype, layout.action_dtype) == (np.int16, np.int32)
     lengths = [0, 1, 5, 0, 17, 40]
     n = sum(lengths)
     cfg = layout.config

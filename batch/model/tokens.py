@@ -53,6 +53,7 @@ class TokenLayout:
                                if self.num_action_tokens // self.gap_radix <= np.iinfo(t).max)
         self.action_offset = self.profile_offset + self.num_profile_tokens_total
         self.item_offset = self.action_offset + self.num_action_tokens
+        self.action_dtype = np.int32 if self.item_offset <= np.iinfo(np.int32).max else np.int64
         self.vocab_size = self.item_offset + config.num_items
         self.prefix_len = len(config.profile_features)
 
@@ -71,7 +72,7 @@ class TokenLayout:
                       gap_seconds: np.ndarray) -> np.ndarray:
         """Mixed-radix action token of each event; ``gap_seconds`` NaN marks a user's first event."""
         code = self.side_codes(flags, watch_percentage, watch_duration)
-        return self._with_gap(code, gap_seconds)
+        return self._with_gap(code, gap_seconds).astype(np.int64, copy=False)
 
     def side_codes(self, flags: np.ndarray, watch_percentage: np.ndarray, watch_duration: np.ndarray) -> np.ndarray:
         """The action token's digits that depend on the event alone (flags, watch buckets), as a number below
@@ -80,8 +81,7 @@ class TokenLayout:
         cfg = self.config
         code = np.zeros(len(watch_percentage), dtype=self.code_dtype)  # mixed radix, built in place
         for j in range(flags.shape[1]):
-            bits = flags[:, j].view(np.uint8) if flags.dtype == bool else flags[:, j]
-            code += bits.astype(self.code_dtype) << self.code_dtype(j)
+            code += flags[:, j].astype(self.code_dtype) << self.code_dtype(j)
         for values, boundaries, radix in ((watch_percentage, cfg.watch_percentage_boundaries, self.pct_radix),
                                           (watch_duration, cfg.watch_duration_boundaries, self.dur_radix)):
             code *= self.code_dtype(radix)
@@ -89,8 +89,8 @@ class TokenLayout:
         return code
 
     def _with_gap(self, side_codes: np.ndarray, gap_seconds: np.ndarray) -> np.ndarray:
-        code = side_codes.astype(np.int64)  # a copy: the caller's codes stay as they are
-        code *= self.gap_radix
+        """Action tokens (int32 where they fit, else int64) from side codes and time gaps."""
+        code = np.multiply(side_codes, self.gap_radix, dtype=self.action_dtype)  # a new array: codes stay
         code += _bucketize(gap_seconds, self.config.time_gap_boundaries)
         code += self.action_offset
         return code
