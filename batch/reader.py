@@ -60,7 +60,6 @@ class ShardFiles:
         self.num_shards = num_shards
         self.temp_dir = temp_dir or tempfile.gettempdir()
         self.path: str | None = None
-        self.schema: pl.Schema | None = None  # of the files, once written
 
     def __enter__(self) -> "ShardFiles":
         if self.num_shards > 1:
@@ -84,12 +83,15 @@ class ShardFiles:
         60,000 users x ~1,000 events, so the job counts in a pass of its own."""
         if self.path is None:
             return
-        rows = self._rows().with_columns(
-            shard_of("user_id", self.source.frame.collect_schema()["user_id"], self.num_shards).alias(_SHARD),
-            pl.col(DROP_REASON).cast(pl.Categorical))  # null for almost every row: 4 bytes, not a string view
-        self.schema = rows.drop(_SHARD).collect_schema()
+        rows = self._file_rows()
         self.source.collect(rows.sink_ipc(pl.PartitionBy(self.path, key=_SHARD, include_key=False,
                                                          file_path_provider=self._file_name), lazy=True))
+
+    def _file_rows(self) -> pl.LazyFrame:
+        """The rows the files hold, with their shard in column _SHARD."""
+        return self._rows().with_columns(
+            shard_of("user_id", self.source.frame.collect_schema()["user_id"], self.num_shards).alias(_SHARD),
+            pl.col(DROP_REASON).cast(pl.Categorical))  # null for almost every row: 4 bytes, not a string view
 
     def _rows(self) -> pl.LazyFrame:
         """The input rows some shard reads (a null user id belongs to none)."""
@@ -104,7 +106,9 @@ class ShardFiles:
         if self.path is None:
             return self._rows()
         files = sorted(glob.glob(os.path.join(self.path, f"shard-{shard:05d}-*.arrow")))
-        return pl.scan_ipc(files) if files else pl.LazyFrame(schema=self.schema)
+        if files:
+            return pl.scan_ipc(files)
+        return pl.LazyFrame(schema=self._file_rows().drop(_SHARD).collect_schema())  # a shard with no rows
 
 
 def remove_stale(temp_dir: str) -> None:
@@ -136,8 +140,10 @@ class BuiltShard:
 
 
 class ShardReader:
-    """``with ShardReader(shards, builder, workers) as r:`` then ``r.take()`` once per shard, in order (``shards``:
-    written :class:`ShardFiles`).
+    """``with ShardReader(shards, builder, workers) as r:`` then ``r.take()`` once per shard, in order.
+
+    Entering starts the reader processes (they import their libraries meanwhile); :meth:`start` (or the first
+    ``take()``) sends them the first shards, once ``shards`` (:class:`ShardFiles`) is written.
 
     ``workers`` reader processes (0 = auto, see :func:`reader_count`) build the next shards while the caller works
     on the one it took: at most ``workers`` shards are being built or wait to be taken. Errors raised while reading
@@ -155,16 +161,25 @@ class ShardReader:
                                          initializer=_start, initargs=(os.getpid(), *self._args))
         self._ahead: deque[Future[BuiltShard]] = deque()
         self._submitted = 0
+        self._started = False
         try:
-            for _ in range(self.workers):  # the first shards start building at once
-                self._submit_next()
+            for _ in range(self.workers):  # spawns the processes now: each runs _start (imports) at once
+                self._pool.submit(_ready)
         except BaseException:
             self._pool.shutdown(wait=True, cancel_futures=True)
             raise
         return self
 
+    def start(self) -> None:
+        """Send the first shards, one per reader (the shard files must be written)."""
+        if not self._started:
+            self._started = True
+            for _ in range(self.workers):
+                self._submit_next()
+
     def take(self) -> BuiltShard:
         """The next shard in order (waits for it); then the next unsubmitted shard goes to the freed reader."""
+        self.start()
         built = self._ahead.popleft().result()
         self._submit_next()
         return built
@@ -250,6 +265,10 @@ def _exit_with_parent(parent: int, shards: ShardFiles) -> None:
 
 def _timed(t0: float, wall0: float) -> tuple[float, float, float]:
     return wall0, time.time(), time.perf_counter() - t0
+
+
+def _ready() -> None:
+    """A first task that only makes the pool start a process (the initializer does the work)."""
 
 
 def _build(shard: int) -> BuiltShard:

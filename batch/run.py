@@ -11,7 +11,6 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from typing import Any
 
 import hydra
@@ -57,21 +56,23 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         raise InputError(f"no usable rows in {cfg.data.path!r} for the window ending {cfg.data.run_date} "
                          f"({stats.counts['rows_read']} read, dropped: {stats.rows_dropped or 'none'})")
     builder = SequenceBuilder(ckpt, schema, cfg.data.max_seq_len)
-    with ShardFiles(source, cfg.data.num_shards, cfg.data.temp_dir) as shards, ExitStack() as readers:
-        def prepare() -> ShardReader:  # one more pass over the input (each shard's rows to its files), then readers
+    with ShardFiles(source, cfg.data.num_shards, cfg.data.temp_dir) as shards, \
+            ShardReader(shards, builder, cfg.data.read_workers) as reader:
+        log.info("%d reader process(es), %d Polars threads each", reader.workers, reader.threads)
+
+        def prepare() -> None:  # one more pass over the input (each shard's rows to its files), then read
             with stats.stage("partition"):
                 shards.write()
-            return readers.enter_context(ShardReader(shards, builder, cfg.data.read_workers))
+            reader.start()
 
-        # The engine starts while the input is partitioned and the first shards are built: Polars runs on its own
+        # While the engine starts, the input is partitioned and the first shards are built: Polars runs on its own
         # threads and the readers in their own processes, so neither waits for the other.
         with ThreadPoolExecutor(1, thread_name_prefix="mtgr-prepare") as prep:
             preparing = prep.submit(prepare)
             with stats.stage("engine_start"):
                 engine = build_engine(cfg.engine, ckpt)  # on error, the pool's exit waits for prepare first
         try:
-            reader = preparing.result()
-            log.info("%d reader process(es), %d Polars threads each", reader.workers, reader.threads)
+            preparing.result()
             return _score(cfg, ckpt, source, reader, engine, stats)
         finally:
             engine.close()

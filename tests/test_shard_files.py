@@ -104,3 +104,18 @@ def test_job_results_do_not_depend_on_shards_and_leave_no_files(tmp_path, events
 def test_temp_dir_must_be_local(tmp_path, events_dir, tiny_checkpoint):
     with pytest.raises(ConfigError, match=r"data\.temp_dir='s3://bucket/tmp' is invalid"):
         config(events_dir, tiny_checkpoint, tmp_path, "data.temp_dir=s3://bucket/tmp")
+
+
+def test_readers_started_before_the_files_are_written_read_them(tmp_path, checkpoint, schema):
+    """The job starts the reader processes while it partitions the input; they only read once start() is called,
+    and a shard with no rows (64 shards, 40 users) still has the files' columns."""
+    from batch.reader import ShardReader
+
+    source = source_of(dirty_events(pl.Int64), schema)
+    builder = SequenceBuilder(checkpoint, schema, 24)
+    with ShardFiles(source, 64, str(tmp_path)) as shards, ShardReader(shards, builder, 2) as reader:
+        shards.write()
+        reader.start()
+        for shard in range(64):
+            want = builder.build(builder.shard_frame(source.frame, shard, 64).collect())
+            assert same(reader.take().seqs, want), shard
