@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import hydra
@@ -67,12 +67,18 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
 
         # While the engine starts, the input is partitioned and the first shards are built: Polars runs on its own
         # threads and the readers in their own processes, so neither waits for the other.
-        with ThreadPoolExecutor(1, thread_name_prefix="mtgr-prepare") as prep:
-            preparing = prep.submit(prepare)
-            with stats.stage("engine_start"):
-                engine = build_engine(cfg.engine, ckpt)  # on error, the pool's exit waits for prepare first
+        prep = ThreadPoolExecutor(1, thread_name_prefix="mtgr-prepare")
+        preparing = prep.submit(prepare)
+        prep.shutdown(wait=False)  # its thread ends with prepare
         try:
-            preparing.result()
+            with stats.stage("engine_start"):
+                engine = build_engine(cfg.engine, ckpt)
+        except BaseException:
+            wait([preparing])  # the files and readers are cleaned up after the pass, not under it
+            raise
+        try:
+            with stats.stage("wait_for_data"):  # the engine was ready before the pass was done
+                preparing.result()
             return _score(cfg, ckpt, source, reader, engine, stats)
         finally:
             engine.close()

@@ -119,3 +119,19 @@ def test_readers_started_before_the_files_are_written_read_them(tmp_path, checkp
         for shard in range(64):
             want = builder.build(builder.shard_frame(source.frame, shard, 64).collect())
             assert same(reader.take().seqs, want), shard
+
+
+def test_an_engine_that_fails_to_start_leaves_no_files(tmp_path, events_dir, tiny_checkpoint, monkeypatch):
+    """The input is partitioned while the engine starts; if the engine fails, the job waits for the pass to end
+    and then removes the files and stops the readers, and raises the engine's error."""
+    import batch.run
+
+    def broken_engine(cfg, ckpt):
+        raise ConfigError("engine.x=1 is invalid: expected 0")
+
+    monkeypatch.setattr(batch.run, "build_engine", broken_engine)
+    temp = tmp_path / "shards"
+    with pytest.raises(ConfigError, match="engine.x=1"):
+        run_job(config(events_dir, tiny_checkpoint, tmp_path / "out", "data.num_shards=4", f"data.temp_dir={temp}"))
+    assert temp.is_dir() and not list(temp.iterdir())
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.parquet"))
