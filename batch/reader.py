@@ -25,7 +25,6 @@ import os
 import shutil
 import socket
 import tempfile
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -37,6 +36,7 @@ from typing import Any, Iterator
 import polars as pl
 
 from batch.events import DROP_REASON, EventSource
+from batch.orphans import exit_with_parent
 from batch.sequences import SequenceBuilder, ShardSequences, in_window, shard_of
 
 MAX_AUTO_WORKERS = 4  # read_workers=0 starts one reader per 4 CPUs, at most this many
@@ -250,17 +250,7 @@ _state: tuple[ShardFiles, SequenceBuilder] | None = None  # the reader process's
 def _start(parent: int, shards: ShardFiles, builder: SequenceBuilder) -> None:
     global _state
     _state = (shards, builder)
-    threading.Thread(target=_exit_with_parent, args=(parent, shards), daemon=True).start()
-
-
-def _exit_with_parent(parent: int, shards: ShardFiles) -> None:
-    """A job killed with SIGKILL cannot stop its reader: the reader notices it was orphaned, removes the job's
-    shard files and exits. ``parent`` is the job's pid as the job saw it (not ``os.getppid()`` here: a reader still
-    starting when the job died would take its new parent, init, for the job and never exit)."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    shards.remove()
-    os._exit(1)
+    exit_with_parent(parent, shards.remove)  # an orphaned reader removes the killed job's shard files
 
 
 def _timed(t0: float, wall0: float) -> tuple[float, float, float]:

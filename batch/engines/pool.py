@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import threading
 import time
 import traceback
 from collections import deque
@@ -29,6 +28,7 @@ import numpy as np
 
 from batch.engines.base import Engine, TopK, UserBatch
 from batch.errors import ConfigError
+from batch.orphans import exit_with_parent
 
 log = logging.getLogger("batch.engines.pool")
 
@@ -160,7 +160,7 @@ def split_by_tokens(offsets: np.ndarray, parts: int) -> list[tuple[int, int]]:
 
 def _serve(factory: EngineFactory, instance: int, conn: Connection, parent: int) -> None:
     """The child: build the engine, answer ``(batch, top_k, exclude_seen)`` messages until None or the pipe closes."""
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    exit_with_parent(parent)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [instance {instance}] %(name)s: "
                                                    "%(message)s")
     try:
@@ -193,10 +193,3 @@ def _portable(error: BaseException, instance: int) -> BaseException:
         return error
     text = "".join(traceback.format_exception(error)).rstrip()
     return RuntimeError(f"instance {instance} failed:\n{text}")
-
-
-def _exit_with_parent(parent: int) -> None:
-    """A job killed with SIGKILL cannot stop its engines: an orphaned engine process exits on its own."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
