@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from functools import partial
 
@@ -32,7 +33,8 @@ def torch_engine(path: str, instance: int) -> TorchEngine:
 
 
 class Faulty:
-    """Fails as told by the batch's first token: 1 raises ValueError, 2 raises an unpicklable error, 3 exits."""
+    """Fails as told by the batch's first token: 1 raises ValueError, 2 raises an unpicklable error, 3 exits,
+    4 answers and exits right after."""
 
     def score(self, batch: UserBatch, top_k: int, exclude_seen: bool) -> TopK:
         kind = int(batch.tokens[0])
@@ -42,6 +44,8 @@ class Faulty:
             raise Unpicklable(lambda: None)
         if kind == 3:
             os._exit(3)
+        if kind == 4:
+            threading.Timer(0.2, os._exit, args=(4,)).start()
         return TopK(np.full((len(batch), top_k), instance_token(batch), dtype=np.int64),
                     np.zeros((len(batch), top_k), dtype=np.float32))
 
@@ -126,6 +130,17 @@ def test_errors_come_back_from_the_instance_that_raised_them():
     finally:
         pool.close()
     assert pool.instances == 0
+
+
+def test_an_instance_that_died_between_batches_stops_the_pool():
+    pool = EnginePool(faulty_engine, 1, "faulty")
+    try:
+        assert pool.score(batch_of([5], [4]), 2, True).items[0, 0] == 4  # answers, then exits
+        time.sleep(1.0)
+        with pytest.raises(EngineFailed, match="instance 0"):
+            pool.score(batch_of([5], [9]), 2, True)
+    finally:
+        pool.close()
 
 
 def test_a_failed_start_raises_the_error_and_stops_every_instance():

@@ -87,7 +87,12 @@ class EnginePool:
         def feed(i: int) -> None:
             if todo and not errors:
                 c, (start, stop) = todo.popleft()
-                self._conns[i].send((batch.select(slice(start, stop)), top_k, exclude_seen))
+                try:
+                    self._conns[i].send((batch.select(slice(start, stop)), top_k, exclude_seen))
+                except OSError:  # the instance died since its last answer
+                    self._broken = f"{self.name} instance {i} (pid {self._procs[i].pid}) is gone; its log is above"
+                    errors.append(EngineFailed(self._broken))
+                    return
                 running[i] = c
 
         for i in range(n):
