@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import hydra
 import numpy as np
@@ -365,7 +365,8 @@ def bench(cfg: BenchConfig) -> list[dict[str, Any]]:
 
 
 def _measure(cfg: BenchConfig, work: Path, ckpt: Path, model_cfg: MTGRConfig, events_used: int, lengths: np.ndarray,
-             shape: str, record, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+             shape: str, record: Callable[[str, str, float, str], None],
+             records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The runs, the ratio and the seed table of :func:`bench`."""
     peak = None
     if torch.cuda.is_available():

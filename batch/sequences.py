@@ -108,11 +108,6 @@ class SequenceBuilder:
         self.sort_keys = ["user_id", "timestamp", "item_id", "watch_duration", "watch_percentage",
                           *schema.flags, *schema.profile]
 
-    def shard_frame(self, frame: pl.LazyFrame, shard: int, num_shards: int) -> pl.LazyFrame:
-        """Rows of one shard inside the window (clean and dirty, so skipped users can be counted)."""
-        user_type = frame.collect_schema()["user_id"]
-        return frame.filter(shard_of("user_id", user_type, num_shards) == shard, in_window())
-
     def build(self, rows: pl.DataFrame) -> ShardSequences:
         """Sequences of the users in ``rows`` (a collected shard frame, any row order).
 

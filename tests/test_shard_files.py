@@ -18,7 +18,7 @@ from batch.errors import ConfigError
 from batch.events import EventSource, normalize
 from batch.reader import TEMP_PREFIX, ShardFiles
 from batch.run import run_job
-from batch.sequences import SequenceBuilder
+from batch.sequences import SequenceBuilder, in_window, shard_of
 
 from conftest import RUN_DATE, make_events
 from test_run import config, published
@@ -47,6 +47,11 @@ def same(a, b) -> bool:
             == [getattr(b, f.name) for f in dataclasses.fields(b)][1:])
 
 
+def filtered_shard(frame: pl.LazyFrame, shard: int, num_shards: int) -> pl.LazyFrame:
+    """The reference: a shard's rows by filtering the whole input (what every shard did before ShardFiles)."""
+    return frame.filter(shard_of("user_id", frame.collect_schema()["user_id"], num_shards) == shard, in_window())
+
+
 @pytest.mark.parametrize("user_type", [pl.Int64, pl.String])
 @pytest.mark.parametrize("num_shards", [1, 3, 64])  # 64 shards for 40 users: some are empty
 def test_shard_files_give_the_sequences_of_filtering_the_input(tmp_path, checkpoint, schema, user_type,
@@ -58,7 +63,7 @@ def test_shard_files_give_the_sequences_of_filtering_the_input(tmp_path, checkpo
         users = 0
         for shard in range(num_shards):
             got = builder.build(source.collect(shards.frame(shard)))
-            want = builder.build(builder.shard_frame(source.frame, shard, num_shards).collect())
+            want = builder.build(filtered_shard(source.frame, shard, num_shards).collect())
             assert same(got, want), shard
             users += got.users_in
     assert users == dirty_events(user_type).filter(pl.col("timestamp") >= pl.datetime(*WINDOW[0].timetuple()[:3])) \
@@ -117,7 +122,7 @@ def test_readers_started_before_the_files_are_written_read_them(tmp_path, checkp
         shards.write()
         reader.start()
         for shard in range(64):
-            want = builder.build(builder.shard_frame(source.frame, shard, 64).collect())
+            want = builder.build(filtered_shard(source.frame, shard, 64).collect())
             assert same(reader.take().seqs, want), shard
 
 
