@@ -75,19 +75,39 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _check_out(out, q) -> None:
+    if out is None:
+        return
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        _fail(f"out must be {q.dtype} of shape {tuple(q.shape)} on {q.device}, like q; got {out.dtype} of shape "
+              f"{tuple(out.shape)} on {out.device}")
+    if out.stride(-1) != 1:
+        _fail("out must be contiguous in its last dim")
+
+
+def _into(out, result: torch.Tensor) -> torch.Tensor:
+    """``result`` written into ``out`` when one was given (the reference paths allocate their own)."""
+    if out is None or out is result:
+        return result
+    return out.copy_(result)
+
+
 def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, *, alpha: float,
                    prefix_lens: torch.Tensor | None = None, num_candidates: torch.Tensor | None = None,
                    rel_bias: torch.Tensor | None = None, norm: str = "visible", max_len: int | None = None,
-                   rows: str = "all", backend: str = "auto") -> torch.Tensor:
+                   rows: str = "all", backend: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Jagged HSTU attention: out_i = sum_j visible silu(alpha q_i.k_j + rel_bias[h, |i-j|]) / n_i * v_j.
 
     q, k, v: (T, H, D) packed rows of B sequences; offsets (B+1,). prefix_lens / num_candidates: (B,) per-sequence
     profile-prefix length and candidate count (see kernels/reference.py for the exact mask). norm: "visible" (n_i =
     keys row i sees) or "length" (n_i = the sequence's length). max_len is accepted for callers that know it; the
     kernels do not need it. rows: "all", or "last": only each sequence's last row is needed — the Triton kernel
-    then computes just the tile holding it (other rows of the result are undefined). Returns (T, H, D) in q.dtype.
+    then computes just the tile holding it (other rows of the result are undefined). Returns (T, H, D) in q.dtype:
+    ``out`` when given (same shape and dtype as q, last dim contiguous, e.g. a view of a caller's buffer), which
+    the Triton kernel writes directly.
     """
     _check_qkv(q, k, v)
+    _check_out(out, q)
     _check_common(q, rel_bias, norm, backend)
     _check_rows(rows)
     if offsets.dim() != 1 or offsets.numel() < 1:
@@ -100,25 +120,27 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
     if _use_triton(backend, (q, k, v, rel_bias)):
         from .triton_jagged import hstu_attention_triton
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        return hstu_attention_triton(q, k, v, offsets, rows=rows, **kwargs)
+        return hstu_attention_triton(q, k, v, offsets, rows=rows, out=out, **kwargs)
     if not q.is_cuda and offsets.numel() and int(offsets[-1]) != q.shape[0]:
         _fail(f"offsets[-1]={int(offsets[-1])} != number of rows {q.shape[0]}")
-    return reference.hstu_attention_torch(q, k, v, offsets, **kwargs)
+    return _into(out, reference.hstu_attention_torch(q, k, v, offsets, **kwargs))
 
 
 def hstu_attention_paged(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                          query_start_loc: torch.Tensor, seq_lens: torch.Tensor, *, alpha: float,
                          rel_bias: torch.Tensor | None = None, norm: str = "visible", rows: str = "all",
-                         backend: str = "auto") -> torch.Tensor:
+                         backend: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Paged causal HSTU attention (vLLM): request r's query rows query_start_loc[r]:query_start_loc[r+1] are the
     last positions of its context of seq_lens[r] tokens, whose K/V sit in kv_cache (num_blocks, H, block_size, 2D)
     at block block_table[r, p // block_size], offset p % block_size. rows: "all", or "last": only each request's
-    last query row is needed (as in hstu_attention). Returns (Tq, H, D) in q.dtype."""
+    last query row is needed (as in hstu_attention). Returns (Tq, H, D) in q.dtype (``out`` when given, as in
+    hstu_attention)."""
     _check_common(q, rel_bias, norm, backend)
     _check_rows(rows)
     if q.dim() != 3:
         _fail(f"q must be (tokens, heads, head_dim), got shape {tuple(q.shape)}")
     Tq, H, D = q.shape
+    _check_out(out, q)
     if kv_cache.dim() != 4 or kv_cache.shape[1] != H or kv_cache.shape[3] != 2 * D:
         _fail(f"kv_cache must be (num_blocks, {H}, block_size, {2 * D}), got {tuple(kv_cache.shape)}")
     if kv_cache.dtype != q.dtype or kv_cache.device != q.device:
@@ -136,8 +158,9 @@ def hstu_attention_paged(q: torch.Tensor, kv_cache: torch.Tensor, block_table: t
         if kv_cache.stride(-1) != 1:
             _fail("kv_cache must be contiguous in its last dim")
         return hstu_attention_paged_triton(_last_dim_contiguous(q), kv_cache, block_table, query_start_loc,
-                                           seq_lens, rows=rows, **kwargs)
-    return reference.hstu_attention_paged_torch(q, kv_cache, block_table, query_start_loc, seq_lens, **kwargs)
+                                           seq_lens, rows=rows, out=out, **kwargs)
+    return _into(out, reference.hstu_attention_paged_torch(q, kv_cache, block_table, query_start_loc, seq_lens,
+                                                           **kwargs))
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,

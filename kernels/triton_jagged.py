@@ -275,11 +275,12 @@ def near_bias_tiles(bias: torch.Tensor, block_m: int, block_n: int) -> tuple[tor
 
 
 def hstu_attention_triton(q, k, v, offsets, *, alpha: float, prefix_lens=None, num_candidates=None, rel_bias=None,
-                          norm: str = "visible", rows: str = "all", config=None, work=None) -> torch.Tensor:
+                          norm: str = "visible", rows: str = "all", config=None, work=None,
+                          out=None) -> torch.Tensor:
     """Launch the jagged kernel. Inputs are validated by kernels.hstu_attention."""
     T, H, D = q.shape
     B = offsets.numel() - 1
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     if T == 0 or B == 0:
         return out
     BM, BN, warps, stages = pick_config(D, config, BIAS_CONFIGS if rel_bias is not None else None, dtype=q.dtype)

@@ -130,11 +130,11 @@ def _hstu_paged_fwd(Q, KV, O, query_start_loc, seq_lens, block_table, work, bias
 
 def hstu_attention_paged_triton(q, kv_cache, block_table, query_start_loc, seq_lens, *, alpha: float,
                                 rel_bias=None, norm: str = "visible", rows: str = "all", config=None,
-                                work=None) -> torch.Tensor:
+                                work=None, out=None) -> torch.Tensor:
     """Launch the paged kernel. Inputs are validated by kernels.hstu_attention_paged."""
     Tq, H, D = q.shape
     nreq = seq_lens.numel()
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     if Tq == 0 or nreq == 0:
         return out
     BM, BN, warps, stages, *_ = pick_config(D, config, CONFIGS, dtype=q.dtype)

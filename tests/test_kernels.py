@@ -254,6 +254,43 @@ def test_triton_paged_interpreter(interp, page, dtype, tol):
         assert _rel(got, want) < tol
 
 
+def test_triton_kernels_write_into_out(interp):
+    """``out=`` (a strided view of a wider buffer, as vLLM's attention output is) receives the result in place and
+    is what the kernels return; the rows it already held elsewhere stay untouched."""
+    jag, pag = interp
+    gen = torch.Generator().manual_seed(9)
+    H, D = 2, 16
+    q, k, v = _rand(sum(LENGTHS), H, D, torch.float32, gen)
+    off = _offsets(LENGTHS)
+    buf = torch.full((q.shape[0] + 3, H, D + 4), 7.0)
+    out = buf[:q.shape[0], :, :D]
+    got = jag.hstu_attention_triton(q, k, v, off, alpha=ALPHA, out=out)
+    assert got is out
+    assert _rel(buf[:q.shape[0], :, :D], jag.hstu_attention_triton(q, k, v, off, alpha=ALPHA)) < 1e-6
+    assert (buf[q.shape[0]:] == 7).all() and (buf[..., D:] == 7).all()
+    qp, cache, table, qsl, seq_lens, _ = _paged_case(torch.float32, 16, gen)
+    out = torch.full_like(qp, 7.0)
+    assert pag.hstu_attention_paged_triton(qp, cache, table, qsl, seq_lens, alpha=ALPHA, out=out) is out
+    assert _rel(out, pag.hstu_attention_paged_triton(qp, cache, table, qsl, seq_lens, alpha=ALPHA)) < 1e-6
+
+
+def test_out_argument_on_the_reference_path():
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = _rand(sum(LENGTHS), 2, 8, torch.float64, gen)
+    off = _offsets(LENGTHS)
+    out = torch.empty_like(q)
+    assert kernels.hstu_attention(q, k, v, off, alpha=ALPHA, out=out) is out
+    assert torch.equal(out, kernels.hstu_attention(q, k, v, off, alpha=ALPHA))
+    qp, cache, table, qsl, seq_lens, _ = _paged_case(torch.float64, 4, gen)
+    out = torch.empty_like(qp)
+    assert kernels.hstu_attention_paged(qp, cache, table, qsl, seq_lens, alpha=ALPHA, out=out) is out
+    assert torch.equal(out, kernels.hstu_attention_paged(qp, cache, table, qsl, seq_lens, alpha=ALPHA))
+    for bad, msg in ((torch.empty(3, 2, 8, dtype=torch.float64), "shape"), (torch.empty_like(q).float(), "float32"),
+                     (torch.empty(q.shape[0], 2, 16, dtype=torch.float64)[..., ::2], "contiguous in its last")):
+        with pytest.raises(ValueError, match=msg):
+            kernels.hstu_attention(q, k, v, off, alpha=ALPHA, out=bad)
+
+
 def test_near_bias_tiles():
     """tiles[h, t, r, c] = bias[h, min(|o + r - c|, R - 1)] at o = o_lo + t * min(BM, BN); the end tiles are all
     bias[R - 1], so the kernels may clamp offsets beyond them."""
