@@ -1,5 +1,5 @@
-"""HSTU attention and Group-LayerNorm kernels (Triton on CUDA, PyTorch reference elsewhere). Imports nothing from
-batch/, and Triton only when a Triton kernel runs."""
+"""HSTU attention, Group-LayerNorm and fused linear + SiLU kernels (Triton on CUDA, PyTorch reference elsewhere).
+Imports nothing from batch/, and Triton only when a Triton kernel runs."""
 from __future__ import annotations
 
 import importlib
@@ -9,7 +9,7 @@ import torch
 from . import reference
 from .hstu_attention import hstu_attention, hstu_attention_paged, write_kv_cache
 
-__all__ = ["group_layer_norm", "hstu_attention", "hstu_attention_paged", "write_kv_cache"]
+__all__ = ["group_layer_norm", "hstu_attention", "hstu_attention_paged", "linear_silu", "write_kv_cache"]
 
 _GLN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -95,3 +95,75 @@ def group_layer_norm(x: torch.Tensor, groups: torch.Tensor, weight: torch.Tensor
     elif gn is None or needs_grad or _gln_triton_unsupported(x, weight, bias, gate, gn.MAX_D):
         return reference.group_layer_norm_torch(x, groups, weight, bias, eps, gate)
     return gn.group_layer_norm_triton(x, groups, weight, bias, eps, gate)
+
+
+_LS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _ls_fail(msg: str):
+    raise ValueError(f"linear_silu: {msg}")
+
+
+def _ls_module():
+    """kernels.fused_linear as sys.modules has it now (the tests swap in an interpreted copy), or None without
+    Triton."""
+    try:
+        return importlib.import_module(__name__ + ".fused_linear")
+    except ImportError:
+        return None
+
+
+def _ls_check(x, weight, bias, backend: str) -> None:
+    if backend not in ("auto", "triton", "torch"):
+        _ls_fail(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if x.dim() != 2 or not x.dtype.is_floating_point:
+        _ls_fail(f"x must be a floating (rows, in_features) tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    K = x.shape[1]
+    if weight.dim() != 2 or weight.shape[1] != K or not weight.dtype.is_floating_point:
+        _ls_fail(f"weight must be a floating (out_features, {K}) tensor, got {weight.dtype} of shape "
+                 f"{tuple(weight.shape)}")
+    if bias is not None and (bias.shape != weight.shape[:1] or not bias.dtype.is_floating_point):
+        _ls_fail(f"bias must be None or a floating ({weight.shape[0]},) tensor, got {bias.dtype} of shape "
+                 f"{tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            _ls_fail(f"{name} is on {t.device}, x on {x.device}")
+
+
+def _ls_triton_unsupported(x, weight, bias) -> str | None:
+    """Why the Triton kernel can't take these inputs, or None."""
+    dtypes = {t.dtype for t in (x, weight, bias) if t is not None}
+    if x.dtype not in _LS_DTYPES or len(dtypes) > 1:
+        return (f"the Triton kernel needs x, weight (and bias) all fp16, bf16 or fp32 alike; got "
+                f"{', '.join(sorted(str(t)[6:] for t in dtypes))}")
+    return None
+
+
+def linear_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                backend: str = "auto") -> torch.Tensor:
+    """silu(x @ weight.T + bias): nn.Linear followed by SiLU, as one GEMM with the bias and SiLU in its epilogue.
+
+    x (M, K) floating, any row stride (e.g. a column slice); weight (N, K) as nn.Linear keeps it; bias None or (N,).
+    backend "auto" runs the fused Triton kernel (float32 accumulation and SiLU, result in x.dtype, one write of the
+    (M, N) output) for CUDA inputs when no autograd is needed and x, weight and bias share an fp16/bf16/fp32 dtype,
+    and the PyTorch reference F.silu(F.linear(...)) otherwise (differentiable; dtype rules as PyTorch's); "triton"
+    / "torch" force one and "triton" raises if it can't run. The Triton result is contiguous.
+    """
+    _ls_check(x, weight, bias, backend)
+    if backend == "torch":
+        return reference.linear_silu_torch(x, weight, bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    fl = _ls_module() if backend == "triton" or x.is_cuda else None
+    if backend == "triton":
+        if fl is None:
+            _ls_fail("backend='triton' needs Triton, which is not installed")
+        if not x.is_cuda and not fl.INTERPRET:
+            _ls_fail("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
+        if needs_grad:
+            _ls_fail("the Triton kernel is forward only; use backend='torch' for autograd")
+        why = _ls_triton_unsupported(x, weight, bias)
+        if why:
+            _ls_fail(why)
+    elif fl is None or needs_grad or _ls_triton_unsupported(x, weight, bias):
+        return reference.linear_silu_torch(x, weight, bias)
+    return fl.linear_silu_triton(x, weight, bias)

@@ -1,4 +1,4 @@
-"""PyTorch references for HSTU attention (and, at the end, Group-LayerNorm).
+"""PyTorch references for HSTU attention (and, at the end, Group-LayerNorm and the fused linear + SiLU).
 
 Two kinds of reference live here:
 - ``*_naive``: a plain loop over users, written to be obviously right. Test oracle (call it with float64 inputs).
@@ -239,3 +239,12 @@ def group_layer_norm_torch(x, groups, weight, bias, eps=1e-5, gate=None) -> torc
     training path: its results, and so checkpoints, must not move by a bit)."""
     y = F.layer_norm(x, x.shape[-1:], eps=eps) * weight[groups] + bias[groups]
     return y if gate is None else y * gate
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Linear projection with SiLU: the HSTU layer's uvqk projection.
+
+
+def linear_silu_torch(x, weight, bias=None) -> torch.Tensor:
+    """F.silu(F.linear(x, weight, bias)), as HSTULayer computed it before the fused kernel (the training path)."""
+    return F.silu(F.linear(x, weight, bias))

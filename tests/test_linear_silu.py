@@ -1,0 +1,147 @@
+"""Fused linear + SiLU: the PyTorch reference is the model's old formula, the Triton kernel (in the CPU interpreter,
+by the same mechanism as tests/test_kernels.py) matches a float64 reference, and the public function's dispatch and
+errors."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import reference as ref
+from tests.test_kernels import _interpreted, _rel
+
+
+def _case(M, N, K, dtype, gen, col_offset=0, bias=True):
+    """x (M, K), a column slice of a wider (M, K + col_offset + 3) tensor when col_offset > 0 (row stride != K,
+    data not at the start); weight (N, K) scaled so x @ weight.T is ~N(0, 1); bias (N,) ~N(0, 0.25) or None."""
+    wide = torch.randn(M, K + col_offset + (3 if col_offset else 0), generator=gen, dtype=torch.float64).to(dtype)
+    x = wide[:, col_offset:col_offset + K]
+    weight = (torch.randn(N, K, generator=gen, dtype=torch.float64) / max(K, 1) ** 0.5).to(dtype)
+    b = (0.5 * torch.randn(N, generator=gen, dtype=torch.float64)).to(dtype) if bias else None
+    return x, weight, b
+
+
+def _want(x, weight, bias):
+    """float64 reference of the same (already rounded) inputs."""
+    return ref.linear_silu_torch(x.double(), weight.double(), None if bias is None else bias.double())
+
+
+def test_reference_is_the_model_formula():
+    """The CPU / autograd path is, bit for bit, F.silu(nn.Linear(x)) (training checkpoints depend on it), and
+    gradients flow through the public function."""
+    gen = torch.Generator().manual_seed(40)
+    lin = torch.nn.Linear(24, 96)
+    x = torch.randn(11, 40, generator=gen)[:, 8:32]
+    got = kernels.linear_silu(x, lin.weight, lin.bias)
+    assert torch.equal(got, F.silu(lin(x)))
+    assert torch.equal(kernels.linear_silu(x, lin.weight), F.silu(F.linear(x, lin.weight)))
+    got.sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0 and lin.bias.grad.abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def interp_ls():
+    """Interpreted kernels.fused_linear (the dispatch picks it up from sys.modules while these tests run)."""
+    yield from _interpreted("kernels.fused_linear")
+
+
+# bf16: one rounding of the output (2^-9 relative) plus the reference's rounded inputs; fp32: accumulation order.
+TOLS = [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)]
+# (M, N, K): ragged in every dim against INTERPRET_CONFIG's 16 x 16 x 16 tiles (K 40: a masked K tail), exact
+# multiples (K 32: the unmasked K loop), one element, K smaller than one tile.
+SHAPES = [(37, 45, 40), (32, 48, 32), (1, 1, 1), (50, 70, 7)]
+
+
+@pytest.mark.parametrize("dtype,tol", TOLS)
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_linear_silu_interpreter(interp_ls, dtype, tol, M, N, K, bias):
+    (fl,) = interp_ls
+    gen = torch.Generator().manual_seed(41 + M + N + K)
+    x, weight, b = _case(M, N, K, dtype, gen, bias=bias)
+    got = fl.linear_silu_triton(x, weight, b)
+    assert got.dtype == dtype and got.shape == (M, N) and got.is_contiguous()
+    want = _want(x, weight, b)
+    assert _rel(got, want) < tol
+    if M * N > 100:  # the check can fail: a kernel that dropped the bias or the SiLU would be far off
+        assert _rel(F.linear(x.double(), weight.double(), None if b is None else b.double()), want) > 10 * tol
+        if bias:
+            assert _rel(_want(x, weight, None), want) > 10 * tol
+
+
+# Explicit tiles: BLOCK_M > BLOCK_N and K steps of 32 (K 40 has a masked tail); GROUP_M 3 over 2 or 4 row-blocks
+# (a short last group); GROUP_M 1 (plain row-major order); a tile larger than the whole problem.
+@pytest.mark.parametrize("config", [(32, 16, 32, 3, 4, 2), (16, 32, 16, 1, 4, 1), (64, 64, 64, 8, 4, 1)])
+def test_triton_linear_silu_interpreter_configs(interp_ls, config):
+    (fl,) = interp_ls
+    gen = torch.Generator().manual_seed(42)
+    for M, N, K in ((37, 45, 40), (100, 20, 64)):
+        x, weight, b = _case(M, N, K, torch.float32, gen)
+        assert _rel(fl.linear_silu_triton(x, weight, b, config=config), _want(x, weight, b)) < 1e-5, (M, N, K)
+
+
+@pytest.mark.parametrize("dtype,tol", TOLS[:2])
+def test_triton_linear_silu_interpreter_strided_x(interp_ls, dtype, tol):
+    """x a column slice (row stride K + 8, data 5 columns in) as a (T, 4d) tensor's slice would be; a transposed x
+    (last dim not contiguous) is copied first."""
+    (fl,) = interp_ls
+    gen = torch.Generator().manual_seed(43)
+    x, weight, b = _case(29, 33, 24, dtype, gen, col_offset=5)
+    assert x.stride() == (24 + 8, 1)
+    got = fl.linear_silu_triton(x, weight, b)
+    assert got.is_contiguous() and _rel(got, _want(x, weight, b)) < tol
+    xt = x.t().contiguous().t()
+    assert xt.stride(-1) != 1
+    assert _rel(fl.linear_silu_triton(xt, weight, b), _want(x, weight, b)) < tol
+
+
+def test_triton_linear_silu_dispatch_and_empty(interp_ls):
+    """backend='triton' through the public function; no rows; autograd and mixed dtypes refused."""
+    gen = torch.Generator().manual_seed(44)
+    x, weight, b = _case(19, 21, 18, torch.bfloat16, gen, col_offset=2)
+    assert not x.is_contiguous()
+    got = kernels.linear_silu(x, weight, b, backend="triton")
+    assert got.dtype == torch.bfloat16 and _rel(got, _want(x, weight, b)) < 1e-2
+    x0 = torch.empty(0, 18, dtype=torch.bfloat16)
+    got = kernels.linear_silu(x0, weight, b, backend="triton")
+    assert got.shape == (0, 21) and got.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="autograd"):
+        kernels.linear_silu(x, weight.clone().requires_grad_(), b, backend="triton")
+    with torch.no_grad():  # no autograd needed: the kernel runs
+        kernels.linear_silu(x, weight.clone().requires_grad_(), b, backend="triton")
+    with pytest.raises(ValueError, match="alike"):
+        kernels.linear_silu(x, weight.float(), b, backend="triton")
+    with pytest.raises(ValueError, match="alike"):
+        kernels.linear_silu(x.double(), weight.double(), b.double(), backend="triton")
+    # auto on CPU tensors is the reference even with the interpreter loaded
+    assert torch.equal(kernels.linear_silu(x, weight, b), ref.linear_silu_torch(x, weight, b))
+
+
+def test_linear_silu_argument_errors(monkeypatch):
+    fl = importlib.import_module("kernels.fused_linear")
+    monkeypatch.setattr(fl, "INTERPRET", False)  # as without TRITON_INTERPRET=1 in the environment
+    x, weight, b = _case(6, 10, 8, torch.float32, torch.Generator().manual_seed(45))
+    cases = [
+        ("backend must be", dict(backend="cuda")),
+        ("x must be a floating", dict(x=x[0])),
+        ("x must be a floating", dict(x=x.long())),
+        (r"weight must be a floating \(out_features, 8\)", dict(weight=weight[:, :4])),
+        ("weight must be a floating", dict(weight=weight[0])),
+        ("weight must be a floating", dict(weight=weight.int())),
+        (r"bias must be None or a floating \(10,\)", dict(bias=b[:4])),
+        ("bias must be None", dict(bias=b[None])),
+        ("bias must be None", dict(bias=b.int())),
+        ("weight is on meta, x on cpu", dict(weight=weight.to("meta"))),
+        ("bias is on meta", dict(bias=b.to("meta"))),
+        ("CUDA", dict(backend="triton")),
+    ]
+    for match, kw in cases:
+        args = dict(x=x, weight=weight, bias=b)
+        args.update(kw)
+        with pytest.raises(ValueError, match=match):
+            kernels.linear_silu(args.pop("x"), args.pop("weight"), **args)
+    with pytest.raises(ValueError, match=r"^linear_silu: "):  # every message names the function
+        kernels.linear_silu(x, weight[:, :4])
