@@ -4,9 +4,9 @@ Follows MTGR (arXiv 2505.18654) and HSTU (arXiv 2402.17152). Each layer:
     h = GroupLN(x);  u, v, q, k = silu(W h)
     a = sum_j silu(alpha * q.k_j + rab(i - j)) / n_i * v_j      (causal; n_i = keys row i sees)
     x = x + W_o(GroupLN(a) * u)
-The attention and Group-LayerNorm (the second one fused with the gate u) are functions of ``kernels`` (Triton on
-CUDA, PyTorch elsewhere); the vLLM engine reuses these modules and passes its paged attention instead of the jagged
-one.
+The attention, Group-LayerNorm (the second one fused with the gate u) and the U/V/Q/K projection with its SiLU are
+functions of ``kernels`` (Triton on CUDA, PyTorch elsewhere); the vLLM engine reuses these modules and passes its
+paged attention instead of the jagged one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import group_layer_norm, hstu_attention
+from kernels import group_layer_norm, hstu_attention, linear_silu
 
 from .config import MTGRConfig
 from .tokens import GROUP_ACTION, GROUP_ITEM, GROUP_PROFILE, NUM_GROUPS, TokenLayout
@@ -80,7 +80,8 @@ class HSTULayer(nn.Module):
         key (``attend`` must return those rows right), everything after it runs on them, and the result is
         (len(rows), d). Scoring uses this in the last layer, where only each user's last position matters."""
         t, d = x.shape
-        u, v, q, k = F.silu(self.uvqk(self.norm_in(x, groups))).split(d, dim=-1)
+        # silu(uvqk(.)) as one GEMM with the bias and SiLU in its epilogue on CUDA (no second pass over (T, 4d))
+        u, v, q, k = linear_silu(self.norm_in(x, groups), self.uvqk.weight, self.uvqk.bias).split(d, dim=-1)
         shape = (t, self.num_heads, self.head_dim)
         a = attend(q.reshape(shape), k.reshape(shape), v.reshape(shape), self.rel_bias_table()).reshape(t, d)
         if rows is not None:
