@@ -131,6 +131,57 @@ def test_paged_token_ids_mask_reads_the_context_through_the_block_table():
     assert masked == [{10, 11, 12, 13}, set(range(14, 22))]
 
 
+def test_step_tokens_mask_each_requests_own_items():
+    import torch
+
+    from batch.engines.vllm.attention import HSTUMetadata
+    from batch.engines.vllm.seen import mask_step_tokens
+
+    ids = torch.tensor([10, 3, 11, 10, 14, 2, 15, 16, 99])  # request 0: 4 tokens, request 1: 4, then padding
+    md = HSTUMetadata(num_reqs=2, num_tokens=8, max_seq_len=4, query_start_loc=torch.tensor([0, 4, 8]),
+                      seq_lens=torch.tensor([4, 4]), block_table=torch.zeros(2, 1, dtype=torch.int32),
+                      slot_mapping=torch.full((8,), -1), cached=False)
+    logits = torch.zeros(2, 25)
+    logits[:, :10] = float("-inf")
+    mask_step_tokens(logits, ids, md, item_offset=10)
+    masked = [set(torch.nonzero(torch.isinf(row)).ravel().tolist()) - set(range(10)) for row in logits]
+    assert masked == [{10, 11}, {14, 15, 16}]
+
+
+def test_steps_skip_the_cache_only_when_nothing_reads_it_back():
+    import torch
+    from types import SimpleNamespace as NS
+
+    from batch.engines.vllm.attention import HSTUMetadataBuilder, cache_is_read_back
+
+    def config(chunked, prefix):
+        return NS(scheduler_config=NS(enable_chunked_prefill=chunked), cache_config=NS(enable_prefix_caching=prefix))
+
+    assert [cache_is_read_back(config(c, p)) for c, p in ((0, 0), (1, 0), (0, 1), (1, 1))] == [0, 1, 1, 1]
+    qsl = torch.tensor([0, 5, 8, 8])
+
+    def step(seq_lens):
+        return NS(num_reqs=3, query_start_loc_cpu=qsl, seq_lens_cpu_upper_bound=torch.tensor(seq_lens))
+
+    assert HSTUMetadataBuilder._all_fresh(step([5, 3, 0]))
+    assert not HSTUMetadataBuilder._all_fresh(step([5, 4, 0]))  # request 1 continues a cached context
+    assert not HSTUMetadataBuilder._all_fresh(NS(num_reqs=3, query_start_loc_cpu=qsl))  # no host lengths: cached
+
+
+def test_logits_rows_put_the_item_columns_on_16_byte_boundaries(engines):
+    import torch
+    from types import SimpleNamespace as NS
+
+    from batch.engines.vllm.model import MTGRForItemScoring
+
+    lay = engines[0].layout
+    for offset in (lay.item_offset, 8, 13):
+        model = NS(item_offset=offset, vocab_size=offset + 1001)
+        logits = MTGRForItemScoring._logits_buffer(model, torch.zeros(3, 4, dtype=torch.bfloat16))
+        assert logits.shape == (3, offset + 1001) and logits.stride(1) == 1 and logits.stride(0) % 8 == 0
+        assert all(logits[r, offset:].data_ptr() % 16 == 0 for r in range(3))
+
+
 def test_users_of_the_full_model_length(engines):
     """A user may fill all max_seq_len positions (vLLM must leave room for the one token it generates)."""
     ckpt, vllm_engine, torch_engine = engines
@@ -142,14 +193,17 @@ def test_users_of_the_full_model_length(engines):
     assert_same_topk(vllm_engine.score(batch, TOP_K, exclude_seen=True), torch_engine.score(batch, TOP_K, True))
 
 
-def test_two_instances_score_like_one(engines, users, checkpoint_dir):
-    """engine.instances=2: two vLLM engines in their own processes share the users; the result is the same."""
+def test_two_cache_free_instances_score_like_one(engines, users, checkpoint_dir):
+    """engine.instances=2: two vLLM engines in their own processes share the users; the result is the same. They
+    run without chunked prefill and prefix caching, so their steps skip the KV cache (jagged kernel, seen items
+    from the step's tokens), while the module's engine reads it back: both paths agree with the torch engine."""
     from batch.engines.pool import EnginePool
     from batch.engines.vllm.engine import build_vllm_engine
 
     ckpt, _, torch_engine = engines
-    cfg = VllmEngineConfig(max_num_batched_tokens=STEP_TOKENS, max_num_seqs=16, block_size=16,
-                           cpu_kv_cache_bytes=32 << 20, max_logprobs=TOP_K, instances=2)
+    cfg = VllmEngineConfig(max_num_batched_tokens=ckpt.config.max_seq_len + 1, enable_chunked_prefill=False,
+                           max_num_seqs=16, block_size=16, cpu_kv_cache_bytes=32 << 20, max_logprobs=TOP_K,
+                           instances=2)
     pool = build_vllm_engine(cfg, ckpt.path, ckpt.config)
     try:
         assert isinstance(pool, EnginePool) and pool.instances == 2

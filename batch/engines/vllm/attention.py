@@ -4,6 +4,11 @@ Each step writes the new K/V rows into vLLM's paged cache and reads every reques
 block table, so chunked prefill and prefix caching see the same keys as a single full pass. The math is
 ``kernels.hstu_attention_paged`` (Triton on CUDA, PyTorch on CPU): causal pointwise SiLU attention normalised by
 the number of visible keys (absolute position + 1) with a relative-position bias per head.
+
+With chunked prefill and prefix caching both off, nothing ever reads the cache back: every request is prefilled
+whole in one step and then finishes (the engine asks for one token). Such steps skip the cache and run the jagged
+kernel (``kernels.hstu_attention``) on the step's own K/V, as the torch engine does: no K/V write (10 KB per token
+on the DLRMv3-like shape) and no block-table reads.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
-from kernels import hstu_attention_paged, write_kv_cache
+from kernels import hstu_attention, hstu_attention_paged, write_kv_cache
 
 from . import compat
 
@@ -38,6 +43,15 @@ class HSTUMetadata:
     seq_lens: torch.Tensor  # (num_reqs,) context length incl. this step's tokens
     block_table: torch.Tensor  # (num_reqs, max_blocks)
     slot_mapping: torch.Tensor  # (num_tokens,) cache slot of each new token, < 0 = padding
+    # False: every request's whole context is in this step and no later step reads it (see the module docstring):
+    # attention runs on the step's own K/V and nothing is written to the cache.
+    cached: bool = True
+
+
+def cache_is_read_back(vllm_config) -> bool:
+    """Whether any step reads K/V that an earlier step wrote: a request's next chunk (chunked prefill) or another
+    request sharing its prefix (prefix caching)."""
+    return bool(vllm_config.scheduler_config.enable_chunked_prefill or vllm_config.cache_config.enable_prefix_caching)
 
 
 class HSTUMetadataBuilder(AttentionMetadataBuilder[HSTUMetadata]):
@@ -45,6 +59,7 @@ class HSTUMetadataBuilder(AttentionMetadataBuilder[HSTUMetadata]):
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.cache_free = not cache_is_read_back(vllm_config)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HSTUMetadata:
@@ -53,7 +68,18 @@ class HSTUMetadataBuilder(AttentionMetadataBuilder[HSTUMetadata]):
         num_tokens = int(m.query_start_loc_cpu[r])
         return HSTUMetadata(num_reqs=r, num_tokens=num_tokens, max_seq_len=int(m.max_seq_len),
                             query_start_loc=m.query_start_loc[: r + 1], seq_lens=m.seq_lens[:r],
-                            block_table=m.block_table_tensor[:r], slot_mapping=m.slot_mapping[:num_tokens])
+                            block_table=m.block_table_tensor[:r], slot_mapping=m.slot_mapping[:num_tokens],
+                            cached=not (self.cache_free and self._all_fresh(m)))
+
+    @staticmethod
+    def _all_fresh(m: CommonAttentionMetadata) -> bool:
+        """Every request's context starts in this step (host arrays only). Always so in a cache-free engine's
+        scoring steps; vLLM's own warm-up also runs decode steps, which keep the cached path."""
+        seq_lens = getattr(m, "seq_lens_cpu_upper_bound", None)  # exact for prefill rows
+        if seq_lens is None:
+            return False
+        qsl = m.query_start_loc_cpu[: m.num_reqs + 1]
+        return bool((seq_lens[: m.num_reqs] == qsl[1:] - qsl[:-1]).all())
 
 
 class HSTUAttentionImpl(AttentionImpl[HSTUMetadata]):
@@ -76,10 +102,14 @@ class HSTUAttentionImpl(AttentionImpl[HSTUMetadata]):
         if attn_metadata is None or kv_cache.numel() == 0:  # profiling run: no cache yet
             return output.zero_()
         md, n = attn_metadata, attn_metadata.num_tokens
+        out = output[:n].view(n, self.num_heads, self.head_size)  # the kernels write vLLM's buffer directly
+        if not md.cached:
+            hstu_attention(query[:n], key[:n], value[:n], md.query_start_loc, alpha=self.alpha,
+                           rel_bias=layer.rel_bias_table, norm="visible", rows=layer.rows, out=out)
+            return output
         write_kv_cache(key[:n], value[:n], kv_cache, md.slot_mapping)
-        output[:n] = hstu_attention_paged(query[:n], kv_cache, md.block_table, md.query_start_loc, md.seq_lens,
-                                          alpha=self.alpha, rel_bias=layer.rel_bias_table, norm="visible",
-                                          rows=layer.rows)
+        hstu_attention_paged(query[:n], kv_cache, md.block_table, md.query_start_loc, md.seq_lens, alpha=self.alpha,
+                             rel_bias=layer.rel_bias_table, norm="visible", rows=layer.rows, out=out)
         return output
 
 

@@ -6,6 +6,9 @@ back through its block table and every item token in it is set to -inf in that r
 for any history length, survives chunked prefill and prefix caching (a reused block holds the same tokens, by its
 hash), needs no logits processor (whose interface differs between vLLM's model runners) and leaves vLLM's output
 work at the K returned logprobs per user.
+
+In a step that does not use the cache (``HSTUMetadata.cached`` false) each request's whole context is the step's own
+tokens, and :func:`mask_step_tokens` reads them directly.
 """
 
 from __future__ import annotations
@@ -44,3 +47,12 @@ class PagedTokenIds:
         hit = (pos[None, :] < md.seq_lens[:num_reqs, None]) & (tokens >= item_offset)
         # Misses scatter onto column 0 (the PAD token), which compute_logits has already set to -inf.
         logits.scatter_(1, torch.where(hit, tokens, 0), float("-inf"))
+
+
+def mask_step_tokens(logits: torch.Tensor, input_ids: torch.Tensor, md: HSTUMetadata, item_offset: int) -> None:
+    """Set ``logits[r, t] = -inf`` for every item token t among request r's tokens of this step (rows = requests)."""
+    n = md.num_tokens
+    tokens = input_ids[:n].long()
+    req = torch.searchsorted(md.query_start_loc[1:], torch.arange(n, device=logits.device), right=True)
+    # Non-item tokens go to column 0 (the PAD token), which compute_logits has already set to -inf.
+    logits.index_put_((req, torch.where(tokens >= item_offset, tokens, 0)), logits.new_full((), float("-inf")))
