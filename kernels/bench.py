@@ -1,6 +1,7 @@
-"""Check and benchmark the HSTU attention and Group-LayerNorm kernels on a CUDA GPU.
+"""Check and benchmark the HSTU attention, Group-LayerNorm and fused linear + SiLU kernels on a CUDA GPU.
 
-    python -m kernels.bench [--check] [--sweep] [--bench-kernels attention,group_norm] [--out bench/results.jsonl]
+    python -m kernels.bench [--check] [--sweep] [--bench-kernels attention,group_norm,linear_silu]
+                            [--sweep-kernels jagged,paged,group_norm,linear_silu] [--out bench/results.jsonl]
                             [--commit HASH]
 
 Per shape: median time (triton.testing.do_bench) and TFLOP/s of the Triton jagged kernel (causal, no bias and with
@@ -15,6 +16,11 @@ Group-LayerNorm: the fused kernel against the unfused PyTorch ops (layer_norm, w
 gate multiply) for T=131072 rows, d 512 and 768, bf16, with and without the gate (a column slice of a (T, 4d)
 tensor, as in the model). GB/s counts the bytes the fused kernel must move: x and the gate read once, y written once
 (the per-group weights are a few KiB); the speed-up is unfused time / fused time.
+
+Linear + SiLU (the HSTU layer's uvqk projection): cuBLAS F.linear alone, cuBLAS F.linear then F.silu (the unfused
+path) and the fused Triton kernel (kernels.linear_silu), bf16, M = 16384 / 65536 / 131072 rows at K 512 -> N 2048
+(d_model 512) and K 1024 -> N 4096. TFLOP/s counts 2*M*K*N; the speed-up is the unfused time / fused time. --check
+compares the fused kernel (and, for scale, the unfused cuBLAS path) with an fp64 reference, --sweep times LS_SWEEP.
 """
 from __future__ import annotations
 
@@ -28,8 +34,8 @@ import numpy as np
 import torch
 import triton
 
-from . import group_layer_norm, hstu_attention, hstu_attention_paged, reference, write_kv_cache
-from . import group_norm, triton_jagged, triton_paged
+from . import group_layer_norm, hstu_attention, hstu_attention_paged, linear_silu, reference, write_kv_cache
+from . import fused_linear, group_norm, triton_jagged, triton_paged
 
 FIXED = [(64, 512, 4, 128), (32, 1024, 4, 128), (16, 2048, 4, 128), (8, 4096, 4, 128), (32, 1024, 2, 256),
          (16, 2048, 2, 256)]
@@ -369,12 +375,152 @@ def sweep_group_norm(rec, apply: bool = False) -> None:
         print("using group_norm", group_norm.CONFIGS, flush=True)
 
 
+LS_SHAPES = [(M, K, N) for K, N in ((512, 2048), (1024, 4096)) for M in (16384, 65536, 131072)]  # (M, K, N)
+# Rows of a few thousand: fewer default tiles than SMs, so fused_linear.SMALL_GRID_CONFIGS applies.
+LS_SMALL_SHAPES = [(1024, 512, 2048), (2048, 512, 2048), (1024, 1024, 4096)]
+LS_SWEEP = [  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); too much shared memory fails, is skipped
+    (128, 256, 64, 8, 8, 3), (128, 256, 64, 8, 8, 4), (128, 256, 64, 1, 8, 3), (128, 256, 32, 8, 8, 4),
+    (256, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 3), (128, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 4),
+    (128, 128, 128, 8, 8, 3), (64, 256, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
+]
+
+LS_CHECK = [  # (name, M, K, N, options) for --check
+    ("M16387_K512_N2048", 16387, 512, 2048, dict()), ("M65536_K1024_N4096", 65536, 1024, 4096, dict()),
+    ("M1000_K512_N2048", 1000, 512, 2048, dict()), ("M4099_K520_N2040", 4099, 520, 2040, dict()),
+    ("M16384_K512_N2048 no bias", 16384, 512, 2048, dict(bias=False)),
+    ("M16384_K512_N2048 x slice", 16384, 512, 2048, dict(slice=True)),
+]
+
+
+def ls_inputs(M, K, N, dtype, seed=0):
+    """x (M, K) ~N(0, 1), weight (N, K) scaled so x @ weight.T is ~N(0, 1), bias (N,) ~N(0, 0.25)."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn(M, K, device=DEV, generator=g).to(dtype)
+    weight = (torch.randn(N, K, device=DEV, generator=g) / math.sqrt(K)).to(dtype)
+    bias = (0.5 * torch.randn(N, device=DEV, generator=g)).to(dtype)
+    return x, weight, bias
+
+
+def ls_flops(M, K, N) -> float:
+    return 2.0 * M * K * N
+
+
+def ls_tile(M, K, N, dtype=torch.bfloat16) -> list[int]:
+    """The config the fused kernel picks for this shape on this GPU."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return list(fused_linear.pick_config(M, N, K, dtype, sm_count=sms))
+
+
+def check_linear_silu(rec) -> bool:
+    """Fused kernel vs an fp64 reference, bf16 and fp32: ragged M, N and K; bias None; x a column slice of a wider
+    tensor; the d_model 512 and 1024 projections (default tiles) and a few thousand rows (small-grid tiles)."""
+    ok = True
+    for name, M, K, N, kw in LS_CHECK:
+        x, weight, bias = ls_inputs(M, K, N, torch.bfloat16, seed=1)
+        if kw.get("bias") is False:
+            bias = None
+        want = reference.linear_silu_torch(x.double(), weight.double(), None if bias is None else bias.double())
+        for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+            args = [None if t is None else t.to(dtype) for t in (x, weight, bias)]
+            if kw.get("slice"):  # the same values as columns 32..32+K of a (M, K + 64) tensor
+                wide = torch.zeros(M, K + 64, device=DEV, dtype=dtype)
+                wide[:, 32:32 + K] = args[0]
+                args[0] = wide[:, 32:32 + K]
+            runs = {"fused": lambda: linear_silu(*args, backend="triton"),
+                    "cublas_linear_silu": lambda: reference.linear_silu_torch(*args)}
+            for kern, fn in runs.items():
+                err = rel_err(fn(), want)
+                good = err < tol
+                if kern == "fused":
+                    ok &= good
+                print(f"{'linear_silu ' + name:34} {kern:22} {str(dtype)[6:]:6} {err:.2e} "
+                      f"{('ok' if good else 'FAIL') if kern == 'fused' else '(for scale)'}")
+                rec("linear_silu_check", dict(shape=name, M=M, K=K, N=N, kernel=kern, dtype=str(dtype)[6:],
+                                              bias=bias is not None, x_slice=bool(kw.get("slice")),
+                                              tile=ls_tile(M, K, N, dtype) if kern == "fused" else None),
+                    "rel_err_vs_fp64", err, "ratio")
+        del x, weight, bias, want
+        torch.cuda.empty_cache()
+    return ok
+
+
+def run_bench_linear_silu(rec) -> list[dict]:
+    rows = []
+    for M, K, N in LS_SHAPES:
+        x, weight, bias = ls_inputs(M, K, N, torch.bfloat16)
+        fns = {"cublas_linear": lambda: torch.nn.functional.linear(x, weight, bias),
+               "cublas_linear_silu": lambda: torch.nn.functional.silu(torch.nn.functional.linear(x, weight, bias)),
+               "fused": lambda: linear_silu(x, weight, bias, backend="triton")}
+        fl = ls_flops(M, K, N)
+        row = dict(M=M, K=K, N=N)
+        for kern, fn in fns.items():
+            ms = bench_ms(fn)
+            row[kern] = ms
+            cfg = dict(M=M, K=K, N=N, dtype="bf16", bias=True, kernel=kern,
+                       tile=ls_tile(M, K, N) if kern == "fused" else None)
+            rec("linear_silu", cfg, "median_ms", ms, "ms")
+            rec("linear_silu", cfg, "tflops", fl / ms / 1e9, "TFLOP/s")
+        speedup = row["cublas_linear_silu"] / row["fused"]
+        rec("linear_silu", dict(M=M, K=K, N=N, dtype="bf16", bias=True), "speedup", speedup, "x")
+        rows.append(row)
+        print(f"linear_silu M{M} K{K} N{N} bf16 " + " ".join(f"{k}={row[k]:.3f}ms/{fl / row[k] / 1e9:.0f}TF"
+                                                             for k in fns)
+              + f" speed-up {speedup:.2f}x (tile {ls_tile(M, K, N)})", flush=True)
+        del x, weight, bias
+        torch.cuda.empty_cache()
+    return rows
+
+
+def sweep_linear_silu(rec, apply: bool = False) -> None:
+    """Time the LS_SWEEP configs of the fused kernel (bf16) on LS_SHAPES and LS_SMALL_SHAPES. With apply, for the
+    rest of the run: the best per (K, N) of LS_SHAPES (summed TFLOP/s over M) becomes fused_linear.SHAPE_CONFIGS[(K,
+    N)], the best over LS_SMALL_SHAPES SMALL_GRID_CONFIGS for bf16 and fp16. A config that fails anywhere is out."""
+    groups: dict = {}
+    for M, K, N in LS_SHAPES:
+        groups.setdefault((K, N), []).append((M, K, N))
+    groups["small grid"] = LS_SMALL_SHAPES
+    for key, shapes in groups.items():
+        score: dict = {}
+        for M, K, N in shapes:
+            x, weight, bias = ls_inputs(M, K, N, torch.bfloat16)
+            fl = ls_flops(M, K, N)
+            res = []
+            for cfg in LS_SWEEP:
+                try:
+                    ms = bench_ms(lambda: fused_linear.linear_silu_triton(x, weight, bias, config=cfg))
+                except Exception as e:  # out of shared memory / registers
+                    print(f"  linear_silu M{M} K{K} N{N} {cfg}: failed ({type(e).__name__}: {str(e)[:80]})")
+                    score[cfg] = float("-inf")
+                    continue
+                tf = fl / ms / 1e9
+                res.append((tf, cfg))
+                score[cfg] = score.get(cfg, 0.0) + tf
+                rec("linear_silu_sweep", dict(M=M, K=K, N=N, dtype="bf16", bias=True, tile=list(cfg)), "tflops", tf,
+                    "TFLOP/s")
+            res.sort(key=lambda r: -r[0])
+            default = tuple(ls_tile(M, K, N))
+            print(f"sweep linear_silu M{M} K{K} N{N}: " + ", ".join(f"{c}={t:.0f}" for t, c in res[:6])
+                  + "".join(f"; default {c}={t:.0f}" for t, c in res if c == default), flush=True)
+            del x, weight, bias
+            torch.cuda.empty_cache()
+        best = max(score, key=score.get) if score else None
+        if apply and best is not None and score[best] > float("-inf"):
+            if key == "small grid":
+                fused_linear.SMALL_GRID_CONFIGS[torch.bfloat16] = fused_linear.SMALL_GRID_CONFIGS[torch.float16] = best
+            else:
+                fused_linear.SHAPE_CONFIGS[key] = best
+    if apply:
+        print("using linear_silu (K, N) ->", fused_linear.SHAPE_CONFIGS, "small grid",
+              fused_linear.SMALL_GRID_CONFIGS[torch.bfloat16], flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="compare every kernel with fp64 on every shape")
     ap.add_argument("--sweep", action="store_true", help="time candidate tile configs and use the best")
-    ap.add_argument("--sweep-kernels", default="jagged,paged,group_norm", help="which kernels --sweep tunes")
-    ap.add_argument("--bench-kernels", default="attention,group_norm",
+    ap.add_argument("--sweep-kernels", default="jagged,paged,group_norm,linear_silu",
+                    help="which kernels --sweep tunes")
+    ap.add_argument("--bench-kernels", default="attention,group_norm,linear_silu",
                     help="which kernels --check and the benchmark cover")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--no-torch", action="store_true", help="skip the padded PyTorch reference timings")
@@ -400,17 +546,23 @@ def main(argv=None) -> int:
             sweep(rec, apply=True, kernels=sweep_kernels)
         if "group_norm" in sweep_kernels:
             sweep_group_norm(rec, apply=True)
+        if "linear_silu" in sweep_kernels:
+            sweep_linear_silu(rec, apply=True)
     if args.check:
         if "attention" in bench_kernels:
             ok &= check(rec)
         if "group_norm" in bench_kernels:
             ok &= check_group_norm(rec)
+        if "linear_silu" in bench_kernels:
+            ok &= check_linear_silu(rec)
         print("check:", "all ok" if ok else "FAILURES", flush=True)
     if not args.no_bench:
         if "attention" in bench_kernels:
             run_bench(rec, torch_ref=not args.no_torch)
         if "group_norm" in bench_kernels:
             run_bench_group_norm(rec)
+        if "linear_silu" in bench_kernels:
+            run_bench_linear_silu(rec)
     return 0 if ok else 1
 
 

@@ -20,21 +20,28 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # fast division on the GPU; the CPU interpreter has no libdevice
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover
+    libdevice = None
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read when this module's kernel is decorated
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), not yet measured here: `python -m kernels.bench
-# --sweep --sweep-kernels linear_silu` times the SWEEP candidates in kernels/bench.py and uses the best for its run.
-# 16-bit inputs: 128 x 256 tiles with two warpgroups issuing wgmma, 3 stages of 48 KiB of shared memory (144 KiB,
-# one program per SM); a tile then does 2 * 128 * 256 * K flops per 128 * 256 outputs written, which keeps the
-# K = 512 projection compute-bound. Float32 (the accuracy path, tf32 only when torch allows it): 32-wide K steps so
-# three stages fit shared memory.
+# --sweep --sweep-kernels linear_silu` times kernels/bench.py's LS_SWEEP candidates and uses the best for its run.
+# 16-bit inputs: 128 x 256 tiles, 8 warps (two warpgroups issuing wgmma), 3 stages of 48 KiB of shared memory
+# (144 KiB, one program per SM): about the largest tile that still pipelines, so the fewest operand loads per flop
+# (the output is written once whatever the tile). Float32 (the accuracy path; tf32 only when torch allows it for
+# matmuls): 32-wide K steps so that three stages fit shared memory.
 CONFIGS: dict[torch.dtype, tuple] = {
     torch.bfloat16: (128, 256, 64, 8, 8, 3),
     torch.float16: (128, 256, 64, 8, 8, 3),
     torch.float32: (128, 128, 32, 8, 8, 3),
 }
-# When the CONFIGS tiles would leave SMs idle (fewer tiles than SMs: M of a few thousand rows), 128 x 128 tiles
-# double the programs.
+# (K, N) -> config for 16-bit inputs, where measured better than CONFIGS (the sweep fills it for its run).
+SHAPE_CONFIGS: dict[tuple[int, int], tuple] = {}
+# When those tiles would leave SMs idle (fewer tiles than SMs: M of a few thousand rows), 128 x 128 tiles double
+# the programs.
 SMALL_GRID_CONFIGS: dict[torch.dtype, tuple] = {
     torch.bfloat16: (128, 128, 64, 8, 4, 4),
     torch.float16: (128, 128, 64, 8, 4, 4),
@@ -45,10 +52,32 @@ INTERPRET_CONFIG = (16, 16, 16, 2, 1, 1)
 _SM_COUNT: dict[int, int] = {}
 
 
+def silu_mode(dtype) -> int:
+    return 0 if INTERPRET else (2 if dtype == torch.bfloat16 else 1)
+
+
+@triton.jit
+def _silu(s, SILU: tl.constexpr):
+    """silu(s) in float32. SILU 0: exact (interpreter); 1: fast division (fp32 / fp16 on the GPU); 2: one tanh.approx
+    per element, silu(s) = h + h * tanh(h) with h = s / 2 (bf16 outputs: tanh.approx's 2^-11 relative error gives at
+    most ~2.5e-4 * |s|, under the bf16 rounding of the result for s >= -2 and under that of a unit-sized value for
+    s >= -8; the SFU, which bounds this epilogue, then does one operation per element instead of two)."""
+    if SILU == 2:
+        h = 0.5 * s
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [h], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+        return h * t + h
+    elif SILU == 1:
+        return libdevice.fast_dividef(s, 1.0 + tl.exp(-s))
+    else:
+        return s / (1.0 + tl.exp(-s))  # exp overflows to inf for s < -88 and the result is -0
+
+
 @triton.jit
 def _linear_silu_fwd(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     SILU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr):
     # Program -> (pid_m, pid_n): groups of GROUP_M row-blocks (the last group may be shorter); inside a group the
     # row-block changes fastest, so consecutive programs share a weight tile and a group reuses its x rows.
     pid = tl.program_id(0)
@@ -86,7 +115,7 @@ def _linear_silu_fwd(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
 
     if HAS_BIAS:
         acc += tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    y = acc / (1.0 + tl.exp(-acc))  # silu in float32; exp overflows to inf for acc < -88 and y is then -0
+    y = _silu(acc, SILU)
     ok = (rm < M)[:, None] & (rn < N)[None, :]
     tl.store(Y + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], y.to(Y.dtype.element_ty), mask=ok)
 
@@ -98,14 +127,15 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def pick_config(M: int, N: int, dtype: torch.dtype, config=None, sm_count: int | None = None) -> tuple:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): explicit, else the interpreter's small one,
-    else CONFIGS[dtype], or SMALL_GRID_CONFIGS[dtype] when CONFIGS' tiles would number fewer than sm_count."""
+def pick_config(M: int, N: int, K: int, dtype: torch.dtype, config=None, sm_count: int | None = None) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): explicit, else the interpreter's small one, else
+    SHAPE_CONFIGS[(K, N)] (16-bit) or CONFIGS[dtype], or SMALL_GRID_CONFIGS[dtype] when those tiles would number
+    fewer than sm_count."""
     if config is not None:
         return tuple(config)
     if INTERPRET:
         return INTERPRET_CONFIG
-    cfg = CONFIGS[dtype]
+    cfg = (dtype != torch.float32 and SHAPE_CONFIGS.get((K, N))) or CONFIGS[dtype]
     if sm_count is not None and triton.cdiv(M, cfg[0]) * triton.cdiv(N, cfg[1]) < sm_count:
         return SMALL_GRID_CONFIGS[dtype]
     return cfg
@@ -125,7 +155,7 @@ def linear_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if M == 0 or N == 0:
         return y
     bm, bn, bk, group_m, num_warps, num_stages = pick_config(
-        M, N, x.dtype, config, None if INTERPRET or not x.is_cuda else _sm_count(x.device))
+        M, N, K, x.dtype, config, None if INTERPRET or not x.is_cuda else _sm_count(x.device))
     # Triton's default "tf32" (which 16-bit inputs ignore), or exact fp32 products for fp32 inputs unless torch allows
     # tf32 for matmuls, as F.linear does on CUDA.
     exact = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
@@ -136,5 +166,6 @@ def linear_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     _linear_silu_fwd[grid](
         x, weight, bias if bias is not None else x, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, PRECISION="ieee" if exact else "tf32", DOT_FP32=dot_fp32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages)
+        SILU=silu_mode(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=num_warps,
+        num_stages=num_stages)
     return y

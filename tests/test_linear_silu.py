@@ -4,6 +4,7 @@ errors."""
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 import torch
@@ -48,7 +49,8 @@ def interp_ls():
     yield from _interpreted("kernels.fused_linear")
 
 
-# bf16: one rounding of the output (2^-9 relative) plus the reference's rounded inputs; fp32: accumulation order.
+# bf16: one rounding of the output (Triton 3.9's interpreter truncates fp32 -> bf16: up to 2^-8 relative, ~3e-3
+# over a tensor; the GPU rounds to nearest); fp32: accumulation order.
 TOLS = [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)]
 # (M, N, K): ragged in every dim against INTERPRET_CONFIG's 16 x 16 x 16 tiles (K 40: a masked K tail), exact
 # multiples (K 32: the unmasked K loop), one element, K smaller than one tile.
@@ -145,3 +147,67 @@ def test_linear_silu_argument_errors(monkeypatch):
             kernels.linear_silu(args.pop("x"), args.pop("weight"), **args)
     with pytest.raises(ValueError, match=r"^linear_silu: "):  # every message names the function
         kernels.linear_silu(x, weight[:, :4])
+
+
+def test_pick_config(monkeypatch):
+    """The GPU's choice: CONFIGS, SHAPE_CONFIGS[(K, N)] for 16-bit inputs, the small-grid tiles when the grid
+    would have fewer programs than SMs, an explicit config first."""
+    fl = importlib.import_module("kernels.fused_linear")
+    monkeypatch.setattr(fl, "INTERPRET", False)
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert fl.pick_config(65536, 2048, 512, bf16, sm_count=132) == fl.CONFIGS[bf16]
+    assert fl.pick_config(65536, 2048, 512, fp32, sm_count=132) == fl.CONFIGS[fp32]
+    assert fl.pick_config(1024, 2048, 512, bf16, sm_count=132) == fl.SMALL_GRID_CONFIGS[bf16]  # 8 x 8 tiles
+    assert fl.pick_config(1024, 2048, 512, bf16) == fl.CONFIGS[bf16]  # no SM count known
+    monkeypatch.setitem(fl.SHAPE_CONFIGS, (512, 2048), (64, 64, 32, 4, 4, 2))
+    assert fl.pick_config(65536, 2048, 512, bf16, sm_count=132) == (64, 64, 32, 4, 4, 2)
+    assert fl.pick_config(65536, 2048, 512, torch.float16, sm_count=132) == (64, 64, 32, 4, 4, 2)
+    assert fl.pick_config(65536, 2048, 512, fp32, sm_count=132) == fl.CONFIGS[fp32]
+    assert fl.pick_config(65536, 4096, 512, bf16, sm_count=132) == fl.CONFIGS[bf16]
+    assert fl.pick_config(5, 5, 5, bf16, config=[1, 2, 3, 4, 5, 6], sm_count=132) == (1, 2, 3, 4, 5, 6)
+    for cfg in (*fl.CONFIGS.values(), *fl.SMALL_GRID_CONFIGS.values(), fl.INTERPRET_CONFIG):
+        assert len(cfg) == 6 and all(v & (v - 1) == 0 for v in cfg[:3])  # powers of two
+    assert (fl.silu_mode(bf16), fl.silu_mode(torch.float16), fl.silu_mode(fp32)) == (2, 1, 1)
+
+
+def test_bench_section_on_cpu(interp_ls, monkeypatch, tmp_path):
+    """kernels.bench's linear_silu section end to end on tiny shapes with the interpreted kernel and a fake clock:
+    it checks, times, sweeps, applies the sweep's choice and writes the JSON lines of the other sections."""
+    from kernels import bench
+
+    (fl,) = interp_ls
+    monkeypatch.setattr(bench, "fused_linear", fl)
+    monkeypatch.setattr(bench, "DEV", "cpu")
+    monkeypatch.setattr(bench, "bench_ms", lambda fn: (fn(), 2.0)[1])
+    monkeypatch.setattr(bench, "ls_tile", lambda M, K, N, dtype=torch.bfloat16: list(fl.pick_config(M, N, K, dtype)))
+    monkeypatch.setattr(bench, "LS_SHAPES", [(37, 24, 40), (64, 24, 40), (20, 32, 16)])
+    monkeypatch.setattr(bench, "LS_SMALL_SHAPES", [(20, 16, 16)])
+    monkeypatch.setattr(bench, "LS_SWEEP", [(16, 16, 16, 2, 1, 1), (32, 16, 32, 3, 4, 2)])
+    monkeypatch.setattr(bench, "LS_CHECK", [("a", 37, 40, 45, {}), ("nob", 30, 32, 20, dict(bias=False)),
+                                            ("slice", 29, 24, 33, dict(slice=True))])
+    monkeypatch.setattr(fl, "SHAPE_CONFIGS", {})
+    monkeypatch.setattr(fl, "SMALL_GRID_CONFIGS", dict(fl.SMALL_GRID_CONFIGS))
+    out = tmp_path / "results.jsonl"
+    rec = bench.Recorder(str(out), "cpu", "abc", "python -m kernels.bench")
+    assert bench.check_linear_silu(rec)
+    rows = bench.run_bench_linear_silu(rec)
+    assert [(r["M"], r["K"], r["N"]) for r in rows] == bench.LS_SHAPES
+    assert all(r["fused"] == r["cublas_linear"] == r["cublas_linear_silu"] == 2.0 for r in rows)
+    bench.sweep_linear_silu(rec, apply=True)
+    assert set(fl.SHAPE_CONFIGS) == {(24, 40), (32, 16)}
+    assert fl.SMALL_GRID_CONFIGS[torch.bfloat16] in bench.LS_SWEEP
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(set(r) == {"bench", "config", "metric", "value", "unit", "device", "commit", "command", "date"}
+               for r in lines)
+    by = {}
+    for r in lines:
+        by.setdefault((r["bench"], r["metric"]), []).append(r)
+    checks = by[("linear_silu_check", "rel_err_vs_fp64")]
+    assert len(checks) == 3 * 2 * 2  # cases x dtypes x (fused, cuBLAS path)
+    assert all(r["value"] < (1e-2 if r["config"]["dtype"] == "bfloat16" else 1e-5) for r in checks)
+    assert {r["config"]["x_slice"] for r in checks} == {True, False}
+    assert len(by[("linear_silu", "median_ms")]) == len(by[("linear_silu", "tflops")]) == 3 * 3
+    t = next(r for r in by[("linear_silu", "tflops")] if r["config"]["M"] == 37)
+    assert t["value"] == pytest.approx(round(2 * 37 * 24 * 40 / 2.0 / 1e9, 6))
+    assert [r["value"] for r in by[("linear_silu", "speedup")]] == [1.0] * 3
+    assert len(by[("linear_silu_sweep", "tflops")]) == 2 * 4
