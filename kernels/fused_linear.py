@@ -5,12 +5,13 @@ output once more (on an H100 at d 512 that pass cost nearly as much as the GEMM)
 (BLOCK_M, BLOCK_N) tile of y: it walks K in BLOCK_K steps with tl.dot into a float32 accumulator, then adds the
 bias, applies SiLU in float32 and writes the tile once in x.dtype. Programs are numbered in groups of GROUP_M
 row-blocks that sweep the column-blocks together, so the x rows and weight columns a group reads stay in L2. Ragged
-M and N edges wrap around on load (row m reads row m mod M, which is never stored) and are masked on store; a K
-that is not a multiple of BLOCK_K is masked on load. x may have any row stride (its last dim must be contiguous);
-weight is nn.Linear's (N, K). Tile sizes come from a fixed table (no autotuning on the job's critical path; `python
--m kernels.bench --sweep --sweep-kernels linear_silu` times candidates). Inputs are validated by
-kernels.linear_silu. The module is not called linear_silu.py: importing a submodule of that name would replace the
-function kernels.linear_silu on the package.
+M and N edges wrap around on load (row m reads row m mod M, which is never stored) and are masked on store; a K that
+is not a multiple of BLOCK_K is masked on load (one that is not a multiple of 16 is then not pipelined by Triton
+3.9, which can no longer prove the loads aligned; the models' K are multiples of 64). x may have any row stride (its
+last dim must be contiguous); weight is nn.Linear's (N, K). Tile sizes come from a fixed table (no autotuning on the
+job's critical path; `python -m kernels.bench --sweep --sweep-kernels linear_silu` times candidates). Inputs are
+validated by kernels.linear_silu. The module is not called linear_silu.py: importing a submodule of that name would
+replace the function kernels.linear_silu on the package.
 """
 from __future__ import annotations
 
