@@ -145,9 +145,11 @@ def linear_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     x (M, K) floating, any row stride (e.g. a column slice); weight (N, K) as nn.Linear keeps it; bias None or (N,).
     backend "auto" runs the fused Triton kernel (float32 accumulation and SiLU, result in x.dtype, one write of the
-    (M, N) output) for CUDA inputs when no autograd is needed and x, weight and bias share an fp16/bf16/fp32 dtype,
-    and the PyTorch reference F.silu(F.linear(...)) otherwise (differentiable; dtype rules as PyTorch's); "triton"
-    / "torch" force one and "triton" raises if it can't run. The Triton result is contiguous.
+    (M, N) output) for CUDA inputs when no autograd is needed and x, weight and bias share an fp16/bf16 dtype, or
+    fp32 with TF32 matmuls allowed (torch.backends.cuda.matmul.allow_tf32; exact fp32 products run on the FMA units
+    in Triton, where cuBLAS's SGEMM is the faster of the two), and the PyTorch reference F.silu(F.linear(...))
+    otherwise (differentiable; dtype rules as PyTorch's); "triton" / "torch" force one and "triton" raises if it
+    can't run. The Triton result is contiguous.
     """
     _ls_check(x, weight, bias, backend)
     if backend == "torch":
@@ -164,6 +166,7 @@ def linear_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         why = _ls_triton_unsupported(x, weight, bias)
         if why:
             _ls_fail(why)
-    elif fl is None or needs_grad or _ls_triton_unsupported(x, weight, bias):
+    elif (fl is None or needs_grad or _ls_triton_unsupported(x, weight, bias)
+          or (x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)):
         return reference.linear_silu_torch(x, weight, bias)
     return fl.linear_silu_triton(x, weight, bias)

@@ -19,8 +19,9 @@ tensor, as in the model). GB/s counts the bytes the fused kernel must move: x an
 
 Linear + SiLU (the HSTU layer's uvqk projection): cuBLAS F.linear alone, cuBLAS F.linear then F.silu (the unfused
 path) and the fused Triton kernel (kernels.linear_silu), bf16, M = 16384 / 65536 / 131072 rows at K 512 -> N 2048
-(d_model 512) and K 1024 -> N 4096. TFLOP/s counts 2*M*K*N; the speed-up is the unfused time / fused time. --check
-compares the fused kernel (and, for scale, the unfused cuBLAS path) with an fp64 reference, --sweep times LS_SWEEP.
+(d_model 512) and K 1024 -> N 4096; and fp32 at M 65536, K 512 -> N 2048, exact and with TF32 allowed. TFLOP/s
+counts 2*M*K*N; the speed-up is the unfused time / fused time. --check compares the fused kernel (and, for scale,
+the unfused cuBLAS path) with an fp64 reference, --sweep times LS_SWEEP.
 """
 from __future__ import annotations
 
@@ -376,6 +377,7 @@ def sweep_group_norm(rec, apply: bool = False) -> None:
 
 
 LS_SHAPES = [(M, K, N) for K, N in ((512, 2048), (1024, 4096)) for M in (16384, 65536, 131072)]  # (M, K, N)
+LS_FP32_SHAPES = [(65536, 512, 2048)]  # the engines' default dtype is fp32
 # Rows of a few thousand: fewer default tiles than SMs, so fused_linear.SMALL_GRID_CONFIGS applies.
 LS_SMALL_SHAPES = [(1024, 512, 2048), (2048, 512, 2048), (1024, 1024, 4096)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Compiled for sm_90 (Triton 3.9, bf16): all fit the
@@ -448,29 +450,37 @@ def check_linear_silu(rec) -> bool:
 
 
 def run_bench_linear_silu(rec) -> list[dict]:
+    """LS_SHAPES in bf16, then LS_FP32_SHAPES in fp32 (exact, and with TF32 allowed) to check which fp32 case
+    kernels.linear_silu's "auto" should give to the fused kernel."""
     rows = []
-    for M, K, N in LS_SHAPES:
-        x, weight, bias = ls_inputs(M, K, N, torch.bfloat16)
+    cases = [(shape, torch.bfloat16, False) for shape in LS_SHAPES]
+    cases += [(shape, torch.float32, tf32) for shape in LS_FP32_SHAPES for tf32 in (False, True)]
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32
+    for (M, K, N), dtype, tf32 in cases:
+        torch.backends.cuda.matmul.allow_tf32 = tf32  # cuBLAS and the fused kernel both follow it
+        x, weight, bias = ls_inputs(M, K, N, dtype)
         fns = {"cublas_linear": lambda: torch.nn.functional.linear(x, weight, bias),
                "cublas_linear_silu": lambda: torch.nn.functional.silu(torch.nn.functional.linear(x, weight, bias)),
                "fused": lambda: linear_silu(x, weight, bias, backend="triton")}
         fl = ls_flops(M, K, N)
-        row = dict(M=M, K=K, N=N)
+        dt = "bf16" if dtype == torch.bfloat16 else ("fp32_tf32" if tf32 else "fp32")
+        row = dict(M=M, K=K, N=N, dtype=dt)
         for kern, fn in fns.items():
             ms = bench_ms(fn)
             row[kern] = ms
-            cfg = dict(M=M, K=K, N=N, dtype="bf16", bias=True, kernel=kern,
-                       tile=ls_tile(M, K, N) if kern == "fused" else None)
+            cfg = dict(M=M, K=K, N=N, dtype=dt, bias=True, kernel=kern,
+                       tile=ls_tile(M, K, N, dtype) if kern == "fused" else None)
             rec("linear_silu", cfg, "median_ms", ms, "ms")
             rec("linear_silu", cfg, "tflops", fl / ms / 1e9, "TFLOP/s")
         speedup = row["cublas_linear_silu"] / row["fused"]
-        rec("linear_silu", dict(M=M, K=K, N=N, dtype="bf16", bias=True), "speedup", speedup, "x")
+        rec("linear_silu", dict(M=M, K=K, N=N, dtype=dt, bias=True), "speedup", speedup, "x")
         rows.append(row)
-        print(f"linear_silu M{M} K{K} N{N} bf16 " + " ".join(f"{k}={row[k]:.3f}ms/{fl / row[k] / 1e9:.0f}TF"
+        print(f"linear_silu M{M} K{K} N{N} {dt} " + " ".join(f"{k}={row[k]:.3f}ms/{fl / row[k] / 1e9:.0f}TF"
                                                              for k in fns)
-              + f" speed-up {speedup:.2f}x (tile {ls_tile(M, K, N)})", flush=True)
+              + f" speed-up {speedup:.2f}x (tile {ls_tile(M, K, N, dtype)})", flush=True)
         del x, weight, bias
         torch.cuda.empty_cache()
+    torch.backends.cuda.matmul.allow_tf32 = saved_tf32
     return rows
 
 

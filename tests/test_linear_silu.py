@@ -181,6 +181,7 @@ def test_bench_section_on_cpu(interp_ls, monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "bench_ms", lambda fn: (fn(), 2.0)[1])
     monkeypatch.setattr(bench, "ls_tile", lambda M, K, N, dtype=torch.bfloat16: list(fl.pick_config(M, N, K, dtype)))
     monkeypatch.setattr(bench, "LS_SHAPES", [(37, 24, 40), (64, 24, 40), (20, 32, 16)])
+    monkeypatch.setattr(bench, "LS_FP32_SHAPES", [(33, 16, 24)])
     monkeypatch.setattr(bench, "LS_SMALL_SHAPES", [(20, 16, 16)])
     monkeypatch.setattr(bench, "LS_SWEEP", [(16, 16, 16, 2, 1, 1), (32, 16, 32, 3, 4, 2)])
     monkeypatch.setattr(bench, "LS_CHECK", [("a", 37, 40, 45, {}), ("nob", 30, 32, 20, dict(bias=False)),
@@ -191,8 +192,10 @@ def test_bench_section_on_cpu(interp_ls, monkeypatch, tmp_path):
     rec = bench.Recorder(str(out), "cpu", "abc", "python -m kernels.bench")
     assert bench.check_linear_silu(rec)
     rows = bench.run_bench_linear_silu(rec)
-    assert [(r["M"], r["K"], r["N"]) for r in rows] == bench.LS_SHAPES
+    assert [(r["M"], r["K"], r["N"], r["dtype"]) for r in rows] == (
+        [(*shape, "bf16") for shape in bench.LS_SHAPES] + [(33, 16, 24, "fp32"), (33, 16, 24, "fp32_tf32")])
     assert all(r["fused"] == r["cublas_linear"] == r["cublas_linear_silu"] == 2.0 for r in rows)
+    assert not torch.backends.cuda.matmul.allow_tf32  # restored
     bench.sweep_linear_silu(rec, apply=True)
     assert set(fl.SHAPE_CONFIGS) == {(24, 40), (32, 16)}
     assert fl.SMALL_GRID_CONFIGS[torch.bfloat16] in bench.LS_SWEEP
@@ -206,8 +209,8 @@ def test_bench_section_on_cpu(interp_ls, monkeypatch, tmp_path):
     assert len(checks) == 3 * 2 * 2  # cases x dtypes x (fused, cuBLAS path)
     assert all(r["value"] < (1e-2 if r["config"]["dtype"] == "bfloat16" else 1e-5) for r in checks)
     assert {r["config"]["x_slice"] for r in checks} == {True, False}
-    assert len(by[("linear_silu", "median_ms")]) == len(by[("linear_silu", "tflops")]) == 3 * 3
+    assert len(by[("linear_silu", "median_ms")]) == len(by[("linear_silu", "tflops")]) == 5 * 3
     t = next(r for r in by[("linear_silu", "tflops")] if r["config"]["M"] == 37)
     assert t["value"] == pytest.approx(round(2 * 37 * 24 * 40 / 2.0 / 1e9, 6))
-    assert [r["value"] for r in by[("linear_silu", "speedup")]] == [1.0] * 3
+    assert [r["value"] for r in by[("linear_silu", "speedup")]] == [1.0] * 5
     assert len(by[("linear_silu_sweep", "tflops")]) == 2 * 4
