@@ -168,20 +168,6 @@ def test_steps_skip_the_cache_only_when_nothing_reads_it_back():
     assert not HSTUMetadataBuilder._all_fresh(NS(num_reqs=3, query_start_loc_cpu=qsl))  # no host lengths: cached
 
 
-def test_logits_rows_put_the_item_columns_on_16_byte_boundaries(engines):
-    import torch
-    from types import SimpleNamespace as NS
-
-    from batch.engines.vllm.model import MTGRForItemScoring
-
-    lay = engines[0].layout
-    for offset in (lay.item_offset, 8, 13):
-        model = NS(item_offset=offset, vocab_size=offset + 1001)
-        logits = MTGRForItemScoring._logits_buffer(model, torch.zeros(3, 4, dtype=torch.bfloat16))
-        assert logits.shape == (3, offset + 1001) and logits.stride(1) == 1 and logits.stride(0) % 8 == 0
-        assert all(logits[r, offset:].data_ptr() % 16 == 0 for r in range(3))
-
-
 def test_users_of_the_full_model_length(engines):
     """A user may fill all max_seq_len positions (vLLM must leave room for the one token it generates)."""
     ckpt, vllm_engine, torch_engine = engines

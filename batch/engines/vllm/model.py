@@ -74,7 +74,7 @@ class MTGRForItemScoring(nn.Module):
         # One (N, vocab) buffer: the item scores are written straight into its item columns (a strided output
         # that BLAS takes as is), so the head needs no second (N, num_items) tensor; at 1M items vLLM's warm-up
         # asks for ~1,000 rows at once.
-        logits = self._logits_buffer(hidden_states)
+        logits = hidden_states.new_empty((hidden_states.shape[0], self.vocab_size))
         logits[:, :self.item_offset] = float("-inf")
         torch.mm(self.mtgr.final_norm(hidden_states), self.mtgr.embed.item.weight.t(), out=logits[:, self.item_offset:])
         step, ids = self._step, self._step_ids
@@ -90,16 +90,6 @@ class MTGRForItemScoring(nn.Module):
             elif self.seen.ids is not None:
                 self.seen.mask(logits, step, self.item_offset)
         return logits
-
-    def _logits_buffer(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """An (N, vocab_size) view whose item columns start 16-byte aligned in every row: cuBLAS then runs the
-        head in its aligned kernels (on the H100 an item_offset that is not a multiple of 8 made it fall back to an
-        sm80 align-2 kernel, 1.3x slower). The rows are padded to a multiple of 8 elements; vLLM's sampler reads
-        logits through their row stride."""
-        n, off = hidden_states.shape[0], self.item_offset
-        shift = -off % 8
-        stride = -(-(shift + self.vocab_size) // 8) * 8
-        return hidden_states.new_empty((n, stride))[:, shift:shift + self.vocab_size]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """The checkpoint's tensors carry MTGR's own state_dict names."""
