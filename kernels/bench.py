@@ -35,7 +35,8 @@ import numpy as np
 import torch
 import triton
 
-from . import group_layer_norm, hstu_attention, hstu_attention_paged, linear_silu, reference, write_kv_cache
+from . import (group_layer_norm, hstu_attention, hstu_attention_paged, linear_add, linear_silu, reference,
+               write_kv_cache)
 from . import fused_linear, group_norm, triton_jagged, triton_paged
 
 FIXED = [(64, 512, 4, 128), (32, 1024, 4, 128), (16, 2048, 4, 128), (8, 4096, 4, 128), (32, 1024, 2, 256),
@@ -484,6 +485,42 @@ def run_bench_linear_silu(rec) -> list[dict]:
     return rows
 
 
+LA_SHAPES = [(M, 512, 512) for M in (16384, 65536, 131072)]  # (M, K, N): the d_model 512 output projection
+
+
+def run_bench_linear_add(rec) -> bool:
+    """The output projection with its residual add (kernels.linear_add), bf16, on LA_SHAPES: cuBLAS F.linear, cuBLAS
+    F.linear then the add (the unfused path) and the fused kernel; each checked against fp64 first. True if the
+    fused kernel is within bf16 tolerance everywhere."""
+    ok = True
+    for M, K, N in LA_SHAPES:
+        x, weight, bias = ls_inputs(M, K, N, torch.bfloat16, seed=2)
+        residual = torch.randn(M, N, device=DEV, generator=torch.Generator(device=DEV).manual_seed(3)).to(x.dtype)
+        want = reference.linear_add_torch(*(t.double() for t in (x, weight, bias, residual)))
+        err = rel_err(linear_add(x, weight, bias, residual, backend="triton"), want)
+        ok &= err < 1e-2
+        fns = {"cublas_linear": lambda: torch.nn.functional.linear(x, weight, bias),
+               "cublas_linear_add": lambda: residual + torch.nn.functional.linear(x, weight, bias),
+               "fused": lambda: linear_add(x, weight, bias, residual, backend="triton")}
+        fl = ls_flops(M, K, N)
+        row = {kern: bench_ms(fn) for kern, fn in fns.items()}
+        for kern, ms in row.items():
+            cfg = dict(M=M, K=K, N=N, dtype="bf16", bias=True, kernel=kern,
+                       tile=ls_tile(M, K, N) if kern == "fused" else None)
+            rec("linear_add", cfg, "median_ms", ms, "ms")
+            rec("linear_add", cfg, "tflops", fl / ms / 1e9, "TFLOP/s")
+        rec("linear_add", dict(M=M, K=K, N=N, dtype="bf16", bias=True, kernel="fused"), "rel_err_vs_fp64", err,
+            "ratio")
+        speedup = row["cublas_linear_add"] / row["fused"]
+        rec("linear_add", dict(M=M, K=K, N=N, dtype="bf16", bias=True), "speedup", speedup, "x")
+        print(f"linear_add M{M} K{K} N{N} bf16 " + " ".join(f"{k}={ms:.3f}ms/{fl / ms / 1e9:.0f}TF"
+                                                            for k, ms in row.items())
+              + f" speed-up {speedup:.2f}x, rel err {err:.1e} {'ok' if err < 1e-2 else 'FAIL'}", flush=True)
+        del x, weight, bias, residual, want
+        torch.cuda.empty_cache()
+    return ok
+
+
 def sweep_linear_silu(rec, apply: bool = False) -> None:
     """Time the LS_SWEEP configs of the fused kernel (bf16) on LS_SHAPES and LS_SMALL_SHAPES. With apply, for the
     rest of the run: the best per (K, N) of LS_SHAPES (summed TFLOP/s over M) becomes fused_linear.SHAPE_CONFIGS[(K,
@@ -576,6 +613,7 @@ def main(argv=None) -> int:
             run_bench_group_norm(rec)
         if "linear_silu" in bench_kernels:
             run_bench_linear_silu(rec)
+            ok &= run_bench_linear_add(rec)
     return 0 if ok else 1
 
 

@@ -1,17 +1,19 @@
-"""Triton forward kernel for y = silu(x @ weight.T + bias): a GEMM with the bias and the SiLU in its epilogue.
+"""Triton forward kernel for a GEMM with its elementwise follower in its epilogue: y = silu(x @ weight.T + bias)
+(the HSTU layer's uvqk projection) or y = residual + x @ weight.T + bias (its output projection).
 
-cuBLAS runs the HSTU layer's uvqk projection at full speed, but F.silu after it reads and writes the whole (T, 4d)
-output once more (on an H100 at d 512 that pass cost nearly as much as the GEMM). Here one program computes a
-(BLOCK_M, BLOCK_N) tile of y: it walks K in BLOCK_K steps with tl.dot into a float32 accumulator, then adds the
-bias, applies SiLU in float32 and writes the tile once in x.dtype. Programs are numbered in groups of GROUP_M
-row-blocks that sweep the column-blocks together, so the x rows and weight columns a group reads stay in L2. Ragged
-M and N edges wrap around on load (row m reads row m mod M, which is never stored) and are masked on store; a K that
-is not a multiple of BLOCK_K is masked on load (one that is not a multiple of 16 is then not pipelined by Triton
-3.9, which can no longer prove the loads aligned; the models' K are multiples of 64). x may have any row stride (its
-last dim must be contiguous); weight is nn.Linear's (N, K). Tile sizes come from a fixed table (no autotuning on the
-job's critical path; `python -m kernels.bench --sweep --sweep-kernels linear_silu` times candidates). Inputs are
-validated by kernels.linear_silu. The module is not called linear_silu.py: importing a submodule of that name would
-replace the function kernels.linear_silu on the package.
+cuBLAS runs the projections at full speed, but F.silu after the first and the residual add after the second read
+and write the whole output once more (H100 profile, DLRMv3-like shape: the SiLU pass cost 16% of all GPU time,
+nearly as much as its GEMM, and the add 5%). Here one program computes a (BLOCK_M, BLOCK_N) tile of y: it walks K
+in BLOCK_K steps with tl.dot into a float32 accumulator, then adds the bias, applies SiLU or adds the residual in
+float32 and writes the tile once in x.dtype. Programs are numbered in groups of GROUP_M row-blocks that sweep the
+column-blocks together, so the x rows and weight columns a group reads stay in L2. Ragged M and N edges wrap around
+on load (row m reads row m mod M, which is never stored) and are masked on store; a K that is not a multiple of
+BLOCK_K is masked on load (one that is not a multiple of 16 is then not pipelined by Triton 3.9, which can no
+longer prove the loads aligned; the models' K are multiples of 64). x may have any row stride (its last dim must be
+contiguous); weight is nn.Linear's (N, K). Tile sizes come from a fixed table (no autotuning on the job's critical
+path; `python -m kernels.bench --sweep --sweep-kernels linear_silu` times candidates). Inputs are validated by
+kernels.linear_silu and kernels.linear_add. The module is not called linear_silu.py: importing a submodule of that
+name would replace the function kernels.linear_silu on the package.
 """
 from __future__ import annotations
 
@@ -34,9 +36,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read when this mod
 # (144 KiB, one program per SM): about the largest tile that still pipelines, so the fewest operand loads per flop
 # (the output is written once whatever the tile). Float32 (the accuracy path; tf32 only when torch allows it for
 # matmuls): 32-wide K steps so that three stages fit shared memory.
+# Measured on the H100 (bench linear_silu_sweep, 3f23e70): 128 x 128 x 64 tiles, one warpgroup, 3 stages (96 KiB,
+# two programs per SM) won at every M from 16k to 131k rows for K 512 -> N 2048 and K 1024 -> N 4096 (411 against
+# 373 TFLOP/s for 128 x 256 at 65k x 512 -> 2048).
 CONFIGS: dict[torch.dtype, tuple] = {
-    torch.bfloat16: (128, 256, 64, 8, 8, 3),
-    torch.float16: (128, 256, 64, 8, 8, 3),
+    torch.bfloat16: (128, 128, 64, 8, 4, 3),
+    torch.float16: (128, 128, 64, 8, 4, 3),
     torch.float32: (128, 128, 32, 8, 8, 3),
 }
 # (K, N) -> config for 16-bit inputs, where measured better than CONFIGS (the sweep fills it for its run).
@@ -44,8 +49,8 @@ SHAPE_CONFIGS: dict[tuple[int, int], tuple] = {}
 # When those tiles would leave SMs idle (fewer tiles than SMs: M of a few thousand rows), 128 x 128 tiles double
 # the programs.
 SMALL_GRID_CONFIGS: dict[torch.dtype, tuple] = {
-    torch.bfloat16: (128, 128, 64, 8, 4, 4),
-    torch.float16: (128, 128, 64, 8, 4, 4),
+    torch.bfloat16: (128, 128, 64, 8, 4, 3),
+    torch.float16: (128, 128, 64, 8, 4, 3),
     torch.float32: (64, 128, 32, 8, 4, 3),
 }
 INTERPRET_CONFIG = (16, 16, 16, 2, 1, 1)
@@ -75,10 +80,11 @@ def _silu(s, SILU: tl.constexpr):
 
 
 @triton.jit
-def _linear_silu_fwd(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
-                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-                     SILU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr):
+def _fused_linear_fwd(X, W, B, R, Y, M, N, K, stride_xm, stride_wn, stride_rm, stride_ym,
+                      HAS_BIAS: tl.constexpr, ADD_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
+                      PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, SILU: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # ADD_RESIDUAL: y = R + x @ W.T + b; else y = silu(x @ W.T + b).
     # Program -> (pid_m, pid_n): groups of GROUP_M row-blocks (the last group may be shorter); inside a group the
     # row-block changes fastest, so consecutive programs share a weight tile and a group reuses its x rows.
     pid = tl.program_id(0)
@@ -116,9 +122,13 @@ def _linear_silu_fwd(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
 
     if HAS_BIAS:
         acc += tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    y = _silu(acc, SILU)
     ok = (rm < M)[:, None] & (rn < N)[None, :]
-    tl.store(Y + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], y.to(Y.dtype.element_ty), mask=ok)
+    rows = rm.to(tl.int64)[:, None]
+    if ADD_RESIDUAL:
+        y = acc + tl.load(R + rows * stride_rm + rn[None, :], mask=ok, other=0.0).to(tl.float32)
+    else:
+        y = _silu(acc, SILU)
+    tl.store(Y + rows * stride_ym + rn[None, :], y.to(Y.dtype.element_ty), mask=ok)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -144,12 +154,25 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, config=None, sm_coun
 
 def linear_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                        config=None) -> torch.Tensor:
-    """Launch the fused kernel: x (M, K) with a contiguous last dim, weight (N, K), bias (N,) or None, all one of
+    """silu(x @ weight.T + bias): x (M, K) with a contiguous last dim, weight (N, K), bias (N,) or None, all one of
     fp16 / bf16 / fp32. Returns a contiguous (M, N) tensor in x.dtype."""
+    return _launch(x, weight, bias, None, config)
+
+
+def linear_add_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, *,
+                      config=None) -> torch.Tensor:
+    """residual + x @ weight.T + bias: as linear_silu_triton, with residual (M, N) in x.dtype (its last dim
+    contiguous)."""
+    return _launch(x, weight, bias, residual, config)
+
+
+def _launch(x, weight, bias, residual, config) -> torch.Tensor:
     M, K = x.shape
     N = weight.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if residual is not None and residual.stride(-1) != 1:
+        residual = residual.contiguous()
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -164,9 +187,10 @@ def linear_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     # (exactly: a bf16 product fits a float32).
     dot_fp32 = INTERPRET and x.dtype == torch.bfloat16
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _linear_silu_fwd[grid](
-        x, weight, bias if bias is not None else x, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, PRECISION="ieee" if exact else "tf32", DOT_FP32=dot_fp32,
-        SILU=silu_mode(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=num_warps,
-        num_stages=num_stages)
+    _fused_linear_fwd[grid](
+        x, weight, bias if bias is not None else x, residual if residual is not None else x, y, M, N, K, x.stride(0),
+        weight.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
+        HAS_BIAS=bias is not None, ADD_RESIDUAL=residual is not None, EVEN_K=K % bk == 0,
+        PRECISION="ieee" if exact else "tf32", DOT_FP32=dot_fp32, SILU=silu_mode(x.dtype), BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_K=bk, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages)
     return y

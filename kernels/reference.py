@@ -248,3 +248,8 @@ def group_layer_norm_torch(x, groups, weight, bias, eps=1e-5, gate=None) -> torc
 def linear_silu_torch(x, weight, bias=None) -> torch.Tensor:
     """F.silu(F.linear(x, weight, bias)), as HSTULayer computed it before the fused kernel (the training path)."""
     return F.silu(F.linear(x, weight, bias))
+
+
+def linear_add_torch(x, weight, bias, residual) -> torch.Tensor:
+    """residual + F.linear(x, weight, bias), as HSTULayer computed its output before the fused kernel."""
+    return residual + F.linear(x, weight, bias)

@@ -214,3 +214,71 @@ def test_bench_section_on_cpu(interp_ls, monkeypatch, tmp_path):
     assert t["value"] == pytest.approx(round(2 * 37 * 24 * 40 / 2.0 / 1e9, 6))
     assert [r["value"] for r in by[("linear_silu", "speedup")]] == [1.0] * 5
     assert len(by[("linear_silu_sweep", "tflops")]) == 2 * 4
+
+
+# linear_add: the same kernel with the residual add in its epilogue (the HSTU layer's output projection)
+
+
+def _want_add(x, weight, bias, residual):
+    return ref.linear_add_torch(x.double(), weight.double(), None if bias is None else bias.double(),
+                                residual.double())
+
+
+def test_linear_add_reference_is_the_model_formula():
+    """The CPU / autograd path is, bit for bit, x + nn.Linear(y) (HSTULayer's old formula), gradients included."""
+    gen = torch.Generator().manual_seed(50)
+    lin = torch.nn.Linear(24, 16)
+    y = torch.randn(11, 24, generator=gen)
+    x = torch.randn(11, 16, generator=gen, requires_grad=True)
+    got = kernels.linear_add(y, lin.weight, lin.bias, x)
+    assert torch.equal(got, x + lin(y))
+    got.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x)) and lin.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype,tol", TOLS)
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_linear_add_interpreter(interp_ls, dtype, tol, M, N, K, bias):
+    (fl,) = interp_ls
+    gen = torch.Generator().manual_seed(51 + M + N + K)
+    x, weight, b = _case(M, N, K, dtype, gen, bias=bias)
+    residual = (3 * torch.randn(M, N + 4, generator=gen, dtype=torch.float64)).to(dtype)[:, 2:N + 2]  # row-strided
+    got = fl.linear_add_triton(x, weight, b, residual)
+    assert got.dtype == dtype and got.shape == (M, N) and got.is_contiguous()
+    want = _want_add(x, weight, b, residual)
+    assert _rel(got, want) < tol
+    if M * N > 100:  # a kernel that dropped the residual (or applied SiLU) would be far off
+        assert _rel(residual.double(), want) > 10 * tol
+        assert _rel(_want(x, weight, b), want) > 10 * tol
+
+
+def test_linear_add_dispatch_and_errors(interp_ls):
+    gen = torch.Generator().manual_seed(52)
+    x, weight, b = _case(19, 21, 18, torch.bfloat16, gen)
+    residual = torch.randn(19, 21, generator=gen).to(torch.bfloat16)
+    got = kernels.linear_add(x, weight, b, residual, backend="triton")
+    assert _rel(got, _want_add(x, weight, b, residual)) < 1e-2
+    assert torch.equal(kernels.linear_add(x, weight, b, residual), ref.linear_add_torch(x, weight, b, residual))
+    for bad in (residual[:5], residual.float(), residual[:, :20]):
+        with pytest.raises(ValueError, match=r"^linear_add: residual must be"):
+            kernels.linear_add(x, weight, b, bad)
+    with pytest.raises(ValueError, match="autograd"):
+        kernels.linear_add(x, weight, b, residual.clone().requires_grad_(), backend="triton")
+
+
+def test_bench_linear_add_section_on_cpu(interp_ls, monkeypatch, tmp_path):
+    """kernels.bench's linear_add timings on tiny shapes with the interpreted kernel and a fake clock."""
+    from kernels import bench
+
+    (fl,) = interp_ls
+    monkeypatch.setattr(bench, "DEV", "cpu")
+    monkeypatch.setattr(bench, "bench_ms", lambda fn: (fn(), 2.0)[1])
+    monkeypatch.setattr(bench, "ls_tile", lambda M, K, N, dtype=torch.bfloat16: list(fl.pick_config(M, N, K, dtype)))
+    monkeypatch.setattr(bench, "LA_SHAPES", [(37, 24, 40), (20, 32, 16)])
+    out = tmp_path / "results.jsonl"
+    assert bench.run_bench_linear_add(bench.Recorder(str(out), "cpu", "abc", "python -m kernels.bench"))
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    errs = [r["value"] for r in lines if r["metric"] == "rel_err_vs_fp64"]
+    assert len(errs) == 2 and all(e < 1e-2 for e in errs)
+    assert sum(r["metric"] == "tflops" for r in lines) == 2 * 3

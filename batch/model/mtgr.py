@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import group_layer_norm, hstu_attention, linear_silu
+from kernels import group_layer_norm, hstu_attention, linear_add, linear_silu
 
 from .config import MTGRConfig
 from .tokens import GROUP_ACTION, GROUP_ITEM, GROUP_PROFILE, NUM_GROUPS, TokenLayout
@@ -87,7 +87,7 @@ class HSTULayer(nn.Module):
         if rows is not None:
             a, u, groups, x = a[rows], u[rows], groups[rows], x[rows]
         y = self.norm_attn(a, groups, gate=u)
-        return x + self.out(F.dropout(y, self.dropout, self.training))
+        return linear_add(F.dropout(y, self.dropout, self.training), self.out.weight, self.out.bias, x)
 
 
 class MixedTypeEmbedding(nn.Module):
