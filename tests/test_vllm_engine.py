@@ -7,6 +7,7 @@ blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -201,7 +202,7 @@ def test_two_cache_free_instances_score_like_one(engines, users, checkpoint_dir)
 
 
 def test_instance_config_shares_the_memory_and_fixes_the_kv_cache(engines):
-    from batch.engines.vllm.engine import KV_STEPS, instance_config
+    from batch.engines.vllm.engine import KV_STEPS, KV_STEPS_CACHE_FREE, instance_config
 
     config = engines[0].config
     cfg = VllmEngineConfig(gpu_memory_utilization=0.9, max_num_batched_tokens=4096, dtype=DType.bfloat16,
@@ -210,6 +211,9 @@ def test_instance_config_shares_the_memory_and_fixes_the_kv_cache(engines):
     assert gpu.instances == 1 and gpu.gpu_memory_utilization == pytest.approx(0.3)
     per_token = 2 * config.num_layers * config.d_model * 2
     assert gpu.kv_cache_memory_bytes == per_token * (KV_STEPS * 4096 + config.max_seq_len + 1)
+    cache_free = dataclasses.replace(cfg, enable_chunked_prefill=False, max_num_batched_tokens=8192)
+    assert instance_config(cache_free, config, on_cpu=False).kv_cache_memory_bytes == \
+        per_token * (KV_STEPS_CACHE_FREE * 8192 + config.max_seq_len + 1)
     assert instance_config(cfg, config, on_cpu=True).kv_cache_memory_bytes is None  # cpu_kv_cache_bytes applies
     fixed = VllmEngineConfig(kv_cache_memory_bytes=1 << 30, instances=2)
     assert instance_config(fixed, config, on_cpu=False).kv_cache_memory_bytes == 1 << 30

@@ -31,7 +31,9 @@ from vllm.platforms import current_platform  # noqa: E402
 from . import compat  # noqa: E402
 
 WORKER_EXTENSION = "batch.engines.vllm.model.MTGRWorkerExtension"
+CHUNK_STEPS = 4  # a pool instance takes this many engine steps of users at a time
 KV_STEPS = 4  # a pool instance's default KV cache: this many steps of tokens (see instance_config)
+KV_STEPS_CACHE_FREE = 2  # the same without chunked prefill and prefix caching (see instance_config)
 log = logging.getLogger("batch.engines.vllm")
 
 
@@ -40,10 +42,10 @@ def build_vllm_engine(cfg: VllmEngineConfig, path: str, config: MTGRConfig) -> E
     if cfg.instances == 1:
         return VllmEngine(cfg, path, config)
     share = instance_config(cfg, config, current_platform.is_cpu())
-    # Chunks of KV_STEPS engine steps: long enough that vLLM's per-call ramp-up and last part-filled step are a
+    # Chunks of CHUNK_STEPS engine steps: long enough that vLLM's per-call ramp-up and last part-filled step are a
     # small share, short enough that the instances drift apart and finish a shard close together.
     return EnginePool(partial(_pool_instance, share, path, config), cfg.instances, "vllm",
-                      chunk_tokens=KV_STEPS * cfg.max_num_batched_tokens)
+                      chunk_tokens=CHUNK_STEPS * cfg.max_num_batched_tokens)
 
 
 def instance_config(cfg: VllmEngineConfig, config: MTGRConfig, on_cpu: bool) -> VllmEngineConfig:
@@ -52,14 +54,18 @@ def instance_config(cfg: VllmEngineConfig, config: MTGRConfig, on_cpu: bool) -> 
     Instances start side by side, so vLLM's memory profiling (which reads the device's free memory) would count
     the others' allocations as its own; a fixed ``kv_cache_memory_bytes`` skips it. Unless set, it holds
     KV_STEPS steps of ``max_num_batched_tokens`` plus one full-length user: a prompt finishes in the step that
-    prefills its last chunk, so more pages are never in use at once. On CPU every instance has
+    prefills its last chunk, so more pages are never in use at once. Without chunked prefill and prefix caching
+    the pages are only booked, never written (the attention backend's cache-free steps), and every user finishes
+    in the step that schedules it: KV_STEPS_CACHE_FREE steps (this step and the one vLLM schedules ahead) leave
+    more of the device to more instances. On CPU every instance has
     ``cpu_kv_cache_bytes`` (or ``kv_cache_memory_bytes``), as a single engine does.
     """
     kv = cfg.kv_cache_memory_bytes
     if kv is None and not on_cpu:
         itemsize = torch.empty((), dtype=getattr(torch, cfg.dtype.value)).element_size()
         per_token = 2 * config.num_layers * config.d_model * itemsize  # K and V of every layer
-        kv = per_token * (KV_STEPS * cfg.max_num_batched_tokens + config.max_seq_len + 1)
+        steps = KV_STEPS if cfg.enable_chunked_prefill or cfg.enable_prefix_caching else KV_STEPS_CACHE_FREE
+        kv = per_token * (steps * cfg.max_num_batched_tokens + config.max_seq_len + 1)
     return dataclasses.replace(cfg, instances=1, kv_cache_memory_bytes=kv,
                                gpu_memory_utilization=cfg.gpu_memory_utilization / cfg.instances)
 
