@@ -4,9 +4,9 @@ Follows MTGR (arXiv 2505.18654) and HSTU (arXiv 2402.17152). Each layer:
     h = GroupLN(x);  u, v, q, k = silu(W h)
     a = sum_j silu(alpha * q.k_j + rab(i - j)) / n_i * v_j      (causal; n_i = keys row i sees)
     x = x + W_o(GroupLN(a) * u)
-The attention, Group-LayerNorm (the second one fused with the gate u) and the U/V/Q/K projection with its SiLU are
-functions of ``kernels`` (Triton on CUDA, PyTorch elsewhere); the vLLM engine reuses these modules and passes its
-paged attention instead of the jagged one.
+The attention, Group-LayerNorm (the second one fused with the gate u), the U/V/Q/K projection with its SiLU and
+the output projection with the residual add are functions of ``kernels`` (Triton on CUDA, PyTorch elsewhere); the
+vLLM engine reuses these modules and passes its own attention (paged, or jagged on its cache-free steps).
 """
 
 from __future__ import annotations
