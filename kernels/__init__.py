@@ -19,11 +19,10 @@ def _gln_fail(msg: str):
     raise ValueError(f"group_layer_norm: {msg}")
 
 
-def _gln_module():
-    """kernels.group_norm as sys.modules has it now (the tests swap in an interpreted copy), or None without
-    Triton."""
+def _triton_module(name: str):
+    """kernels.<name> as sys.modules has it now (the tests swap in interpreted copies), or None without Triton."""
     try:
-        return importlib.import_module(__name__ + ".group_norm")
+        return importlib.import_module(f"{__name__}.{name}")
     except ImportError:
         return None
 
@@ -82,7 +81,7 @@ def group_layer_norm(x: torch.Tensor, groups: torch.Tensor, weight: torch.Tensor
         return reference.group_layer_norm_torch(x, groups, weight, bias, eps, gate)
     tensors = (x, weight, bias, gate)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    gn = _gln_module() if backend == "triton" or x.is_cuda else None
+    gn = _triton_module("group_norm") if backend == "triton" or x.is_cuda else None
     if backend == "triton":
         if gn is None:
             _gln_fail("backend='triton' needs Triton, which is not installed")
@@ -103,15 +102,6 @@ _LS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _ls_fail(msg: str, fn: str = "linear_silu"):
     raise ValueError(f"{fn}: {msg}")
-
-
-def _ls_module():
-    """kernels.fused_linear as sys.modules has it now (the tests swap in an interpreted copy), or None without
-    Triton."""
-    try:
-        return importlib.import_module(__name__ + ".fused_linear")
-    except ImportError:
-        return None
 
 
 def _ls_check(x, weight, bias, backend: str, fn: str = "linear_silu") -> None:
@@ -178,7 +168,7 @@ def _ls_pick(x, weight, bias, backend: str, *more, fn: str = "linear_silu"):
         return None
     tensors = (x, weight, bias, *more)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    fl = _ls_module() if backend == "triton" or x.is_cuda else None
+    fl = _triton_module("fused_linear") if backend == "triton" or x.is_cuda else None
     if backend == "triton":
         if fl is None:
             _ls_fail("backend='triton' needs Triton, which is not installed", fn)

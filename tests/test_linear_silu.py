@@ -30,6 +30,11 @@ def _want(x, weight, bias):
     return ref.linear_silu_torch(x.double(), weight.double(), None if bias is None else bias.double())
 
 
+def _want_add(x, weight, bias, residual):
+    return ref.linear_add_torch(x.double(), weight.double(), None if bias is None else bias.double(),
+                                residual.double())
+
+
 def test_reference_is_the_model_formula():
     """The CPU / autograd path is, bit for bit, F.silu(nn.Linear(x)) (training checkpoints depend on it), and
     gradients flow through the public function."""
@@ -60,18 +65,26 @@ SHAPES = [(37, 45, 40), (32, 48, 32), (1, 1, 1), (50, 70, 7)]
 @pytest.mark.parametrize("dtype,tol", TOLS)
 @pytest.mark.parametrize("M,N,K", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_triton_linear_silu_interpreter(interp_ls, dtype, tol, M, N, K, bias):
+@pytest.mark.parametrize("epilogue", ["silu", "add"])
+def test_triton_fused_linear_interpreter(interp_ls, dtype, tol, M, N, K, bias, epilogue):
+    """Both epilogues (SiLU; residual add, with a row-strided residual) against float64."""
     (fl,) = interp_ls
     gen = torch.Generator().manual_seed(41 + M + N + K)
     x, weight, b = _case(M, N, K, dtype, gen, bias=bias)
-    got = fl.linear_silu_triton(x, weight, b)
+    if epilogue == "silu":
+        got, want = fl.linear_silu_triton(x, weight, b), _want(x, weight, b)
+        wrong = [F.linear(x.double(), weight.double(), None if b is None else b.double())]  # no SiLU
+    else:
+        residual = (3 * torch.randn(M, N + 4, generator=gen, dtype=torch.float64)).to(dtype)[:, 2:N + 2]
+        got, want = fl.linear_add_triton(x, weight, b, residual), _want_add(x, weight, b, residual)
+        wrong = [residual.double(), _want(x, weight, b)]  # no GEMM; SiLU instead of the add
     assert got.dtype == dtype and got.shape == (M, N) and got.is_contiguous()
-    want = _want(x, weight, b)
     assert _rel(got, want) < tol
-    if M * N > 100:  # the check can fail: a kernel that dropped the bias or the SiLU would be far off
-        assert _rel(F.linear(x.double(), weight.double(), None if b is None else b.double()), want) > 10 * tol
+    if M * N > 100:  # the check can fail: a kernel that dropped a term would be far off
+        assert all(_rel(w, want) > 10 * tol for w in wrong)
         if bias:
-            assert _rel(_want(x, weight, None), want) > 10 * tol
+            drop_bias = _want(x, weight, None) if epilogue == "silu" else _want_add(x, weight, None, residual)
+            assert _rel(drop_bias, want) > 10 * tol
 
 
 # Explicit tiles: BLOCK_M > BLOCK_N and K steps of 32 (K 40 has a masked tail); GROUP_M 3 over 2 or 4 row-blocks
@@ -219,11 +232,6 @@ def test_bench_section_on_cpu(interp_ls, monkeypatch, tmp_path):
 # linear_add: the same kernel with the residual add in its epilogue (the HSTU layer's output projection)
 
 
-def _want_add(x, weight, bias, residual):
-    return ref.linear_add_torch(x.double(), weight.double(), None if bias is None else bias.double(),
-                                residual.double())
-
-
 def test_linear_add_reference_is_the_model_formula():
     """The CPU / autograd path is, bit for bit, x + nn.Linear(y) (HSTULayer's old formula), gradients included."""
     gen = torch.Generator().manual_seed(50)
@@ -234,23 +242,6 @@ def test_linear_add_reference_is_the_model_formula():
     assert torch.equal(got, x + lin(y))
     got.sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x)) and lin.weight.grad.abs().sum() > 0
-
-
-@pytest.mark.parametrize("dtype,tol", TOLS)
-@pytest.mark.parametrize("M,N,K", SHAPES)
-@pytest.mark.parametrize("bias", [True, False])
-def test_triton_linear_add_interpreter(interp_ls, dtype, tol, M, N, K, bias):
-    (fl,) = interp_ls
-    gen = torch.Generator().manual_seed(51 + M + N + K)
-    x, weight, b = _case(M, N, K, dtype, gen, bias=bias)
-    residual = (3 * torch.randn(M, N + 4, generator=gen, dtype=torch.float64)).to(dtype)[:, 2:N + 2]  # row-strided
-    got = fl.linear_add_triton(x, weight, b, residual)
-    assert got.dtype == dtype and got.shape == (M, N) and got.is_contiguous()
-    want = _want_add(x, weight, b, residual)
-    assert _rel(got, want) < tol
-    if M * N > 100:  # a kernel that dropped the residual (or applied SiLU) would be far off
-        assert _rel(residual.double(), want) > 10 * tol
-        assert _rel(_want(x, weight, b), want) > 10 * tol
 
 
 def test_linear_add_dispatch_and_errors(interp_ls):
