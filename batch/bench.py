@@ -8,7 +8,8 @@
    data, sampling GPU utilisation and memory with nvidia-smi, and reads each run's manifest.
 4. Reports per run: users/s and tokens/s (tokens = positions the model processes), model TFLOP/s and MFU
    (``batch.model.flops``), GPU busy share during the engine phase, peak GPU memory, the time split
-   read / sequences / score / write / engine waiting for data, and the ratio of the ``ratio`` runs.
+   read / sequences / score / write / engine waiting for data, and the ratio of the ``ratio`` runs; and how far
+   each run's recommendations agree with the first run's (``topk_agreement``: a fast engine must also be right).
    Throughput is over the data pipeline: the row-count scan plus engine ready to last write, which leaves out
    the fixed start-up (checkpoint load, engine start) that a nightly run pays once; start-up is reported beside it.
 5. Optionally times the seed document's shape (batch 8 x 500 tokens) on the seed presets (``seed_table``).
@@ -37,6 +38,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import hydra
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import torch
 from hydra.core.config_store import ConfigStore
@@ -398,6 +400,12 @@ def _measure(cfg: BenchConfig, work: Path, ckpt: Path, model_cfg: MTGRConfig, ev
     finally:
         if sampler is not None:
             sampler.close()
+    ref = next(iter(summaries), None)
+    for name in list(summaries)[1:]:
+        published = [work / "out" / r / f"dt={cfg.run_date}" / "part-0.parquet" for r in (ref, name)]
+        overlap, same = topk_agreement(*published)
+        record(f"{shape}; run {name} against run {ref}", "topk_overlap", overlap, "fraction of items")
+        record(f"{shape}; run {name} against run {ref}", "topk_same_order", same, "fraction of users")
     a, b = cfg.ratio if len(cfg.ratio) == 2 else (None, None)
     if a in summaries and b in summaries:
         record(f"{shape}; {a} / {b}", f"{a}_over_{b}_tokens_per_s",
@@ -411,6 +419,21 @@ def _measure(cfg: BenchConfig, work: Path, ckpt: Path, model_cfg: MTGRConfig, ev
     return records
 
 
+def topk_agreement(ref: Path, other: Path) -> tuple[float, float]:
+    """(mean share of each user's ref top-K items that ``other`` also recommends, share of users whose top-K is the
+    same list in the same order) between two published long-format outputs; a user missing from one counts as no
+    agreement."""
+    def lists(path: Path) -> pl.DataFrame:
+        return (pl.read_parquet(path, columns=["user_id", "rank", "item_id"]).drop_nulls("item_id")
+                .sort("user_id", "rank").group_by("user_id", maintain_order=True).agg("item_id"))
+
+    both = lists(ref).join(lists(other), on="user_id", how="full", suffix="_other", coalesce=True)
+    a, b = pl.col("item_id").fill_null([]), pl.col("item_id_other").fill_null([])
+    scores = both.select(overlap=(a.list.set_intersection(b).list.len() / a.list.len().clip(1)),
+                         same=(a == b) & a.list.len().gt(0))
+    return float(scores["overlap"].mean()), float(scores["same"].mean())
+
+
 def print_table(summaries: dict[str, dict[str, Any]], records: list[dict[str, Any]]) -> None:
     cols = ["users_per_s", "tokens_per_s", "tflops", "mfu", "engine_tokens_per_s", "gpu_busy", "gpu_peak_mem_gib",
             "pipeline_s", "startup_s", "partition_s", "read_s", "sequences_s", "score_s", "wait_for_data_s", "write_s"]
@@ -420,7 +443,8 @@ def print_table(summaries: dict[str, dict[str, Any]], records: list[dict[str, An
                  (f"{s[c]:,.0f}" if c in s else "-") for c in cols]
         print(name.ljust(10) + "".join(v.rjust(max(len(c), 10) + 2) for c, v in zip(cols, cells)))
     for r in records:
-        if r["metric"] in ("matmul_peak", "seed_table_latency") or "_over_" in r["metric"]:
+        if r["metric"] in ("matmul_peak", "seed_table_latency", "topk_overlap", "topk_same_order") \
+                or "_over_" in r["metric"]:
             print(f"{r['metric']}: {r['value']:.3f} {r['unit']}  ({r['config'][-60:]})")
 
 

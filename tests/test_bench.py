@@ -71,6 +71,8 @@ def test_bench_runs_the_job_and_records_every_number(tmp_path):
     a, b = (pl.read_parquet(tmp_path / "work" / "out" / r / "dt=2026-11-01" / "part-0.parquet")
             .sort("user_id", "rank").select("user_id", "item_id") for r in ("small", "big"))
     assert a.equals(b)
+    agree = {r["metric"]: r["value"] for r in records if "against run small" in r["config"]}
+    assert agree == {"topk_overlap": 1.0, "topk_same_order": 1.0}
 
 
 def test_mps_daemon_starts_and_stops_around_the_runs(tmp_path, monkeypatch):
@@ -97,3 +99,20 @@ def test_mps_without_the_driver_tools_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="nvidia-cuda-mps-control"):
         with mps_daemon(tmp_path):
             pass
+
+
+def test_topk_agreement_between_two_outputs(tmp_path):
+    from batch.bench import topk_agreement
+
+    def write(name, rows):
+        path = tmp_path / f"{name}.parquet"
+        pl.DataFrame(rows, schema=["user_id", "rank", "item_id"], orient="row").write_parquet(path)
+        return path
+
+    ref = write("ref", [(1, 1, 10), (1, 2, 11), (2, 1, 20), (2, 2, 21), (3, 1, 30), (3, 2, None)])
+    # user 1 the same; user 2 same items, swapped; user 3 one of one item kept; user 4 only in other
+    other = write("other", [(2, 1, 21), (2, 2, 20), (1, 2, 11), (1, 1, 10), (3, 1, 30), (3, 2, 31), (4, 1, 40)])
+    overlap, same = topk_agreement(ref, other)
+    assert overlap == pytest.approx((1 + 1 + 1 + 0) / 4)
+    assert same == pytest.approx(1 / 4)
+    assert topk_agreement(ref, ref) == (1.0, 1.0)
