@@ -1,5 +1,5 @@
-"""HSTU attention, Group-LayerNorm and fused linear + SiLU kernels (Triton on CUDA, PyTorch reference elsewhere).
-Imports nothing from batch/, and Triton only when a Triton kernel runs."""
+"""HSTU attention, Group-LayerNorm and fused linear (+ SiLU or + residual) kernels (Triton on CUDA, PyTorch
+reference elsewhere). Imports nothing from batch/, and Triton only when a Triton kernel runs."""
 from __future__ import annotations
 
 import importlib
@@ -137,9 +137,9 @@ def linear_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x (M, K) floating, any row stride (e.g. a column slice); weight (N, K) as nn.Linear keeps it; bias None or (N,).
     backend "auto" runs the fused Triton kernel (float32 accumulation and SiLU, result in x.dtype, one write of the
     (M, N) output) for CUDA inputs when no autograd is needed and x, weight and bias share an fp16/bf16 dtype
-    (fp32 stays with cuBLAS, which was faster on the H100), and the PyTorch reference F.silu(F.linear(...))
-    otherwise (differentiable; dtype rules as PyTorch's); "triton" / "torch" force one and "triton" raises if it
-    can't run. The Triton result is contiguous.
+    (fp32 stays with cuBLAS: exact fp32 products ran at half its speed on the H100), and the PyTorch reference
+    F.silu(F.linear(...)) otherwise (differentiable; dtype rules as PyTorch's); "triton" / "torch" force one and
+    "triton" raises if it can't run. The Triton result is contiguous.
     """
     _ls_check(x, weight, bias, backend)
     fl = _ls_pick(x, weight, bias, backend)
@@ -180,8 +180,8 @@ def _ls_pick(x, weight, bias, backend: str, *more, fn: str = "linear_silu"):
         if why:
             _ls_fail(why, fn)
         return fl
-    # fp32 stays with cuBLAS: on the H100 (3f23e70) the fused kernel ran at 0.51x of F.linear + F.silu with exact
-    # fp32 products and 0.94x with TF32.
+    # fp32 stays with cuBLAS: on the H100 the fused kernel ran at 0.51x of F.linear + F.silu with exact fp32
+    # products, and at 0.94x (3f23e70) and 1.16x (86fbc20) with TF32, which torch leaves off by default.
     if fl is None or needs_grad or _ls_triton_unsupported(x, weight, bias) or x.dtype == torch.float32:
         return None
     return fl
