@@ -30,15 +30,13 @@ except ImportError:  # pragma: no cover
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read when this module's kernel is decorated
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), not yet measured here: `python -m kernels.bench
-# --sweep --sweep-kernels linear_silu` times kernels/bench.py's LS_SWEEP candidates and uses the best for its run.
-# 16-bit inputs: 128 x 256 tiles, 8 warps (two warpgroups issuing wgmma), 3 stages of 48 KiB of shared memory
-# (144 KiB, one program per SM): about the largest tile that still pipelines, so the fewest operand loads per flop
-# (the output is written once whatever the tile). Float32 (the accuracy path; tf32 only when torch allows it for
-# matmuls): 32-wide K steps so that three stages fit shared memory.
-# Measured on the H100 (bench linear_silu_sweep, 3f23e70): 128 x 128 x 64 tiles, one warpgroup, 3 stages (96 KiB,
-# two programs per SM) won at every M from 16k to 131k rows for K 512 -> N 2048 and K 1024 -> N 4096 (411 against
-# 373 TFLOP/s for 128 x 256 at 65k x 512 -> 2048).
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). 16-bit inputs, measured on the H100 (bench
+# linear_silu_sweep, 3f23e70; `python -m kernels.bench --sweep --sweep-kernels linear_silu` times kernels/bench.py's
+# LS_SWEEP candidates): 128 x 128 x 64 tiles, one warpgroup, 3 stages (96 KiB of shared memory, two programs per SM,
+# so one's epilogue overlaps the other's main loop) won at every M from 16k to 131k rows for K 512 -> N 2048 and
+# K 1024 -> N 4096 (411 against 373 TFLOP/s for 128 x 256 / 8 warps at 65k x 512 -> 2048), and within 3% of the
+# best at 1-2k rows. Float32 (the accuracy path; tf32 only when torch allows it for matmuls): 32-wide K steps so
+# that three stages fit shared memory.
 CONFIGS: dict[torch.dtype, tuple] = {
     torch.bfloat16: (128, 128, 64, 8, 4, 3),
     torch.float16: (128, 128, 64, 8, 4, 3),
@@ -46,8 +44,8 @@ CONFIGS: dict[torch.dtype, tuple] = {
 }
 # (K, N) -> config for 16-bit inputs, where measured better than CONFIGS (the sweep fills it for its run).
 SHAPE_CONFIGS: dict[tuple[int, int], tuple] = {}
-# When those tiles would leave SMs idle (fewer tiles than SMs: M of a few thousand rows), 128 x 128 tiles double
-# the programs.
+# When those tiles would leave SMs idle (fewer tiles than SMs: M of a few thousand rows): smaller ones for fp32;
+# 16-bit keeps its tiles (the sweep's best there).
 SMALL_GRID_CONFIGS: dict[torch.dtype, tuple] = {
     torch.bfloat16: (128, 128, 64, 8, 4, 3),
     torch.float16: (128, 128, 64, 8, 4, 3),
