@@ -1,4 +1,4 @@
-"""Check and benchmark the HSTU attention, Group-LayerNorm and fused linear + SiLU kernels on a CUDA GPU.
+"""Check and benchmark the HSTU attention, Group-LayerNorm and fused linear kernels on a CUDA GPU.
 
     python -m kernels.bench [--check] [--sweep] [--bench-kernels attention,group_norm,linear_silu]
                             [--sweep-kernels jagged,paged,group_norm,linear_silu] [--out bench/results.jsonl]
@@ -21,7 +21,9 @@ Linear + SiLU (the HSTU layer's uvqk projection): cuBLAS F.linear alone, cuBLAS 
 path) and the fused Triton kernel (kernels.linear_silu), bf16, M = 16384 / 65536 / 131072 rows at K 512 -> N 2048
 (d_model 512) and K 1024 -> N 4096; and fp32 at M 65536, K 512 -> N 2048, exact and with TF32 allowed. TFLOP/s
 counts 2*M*K*N; the speed-up is the unfused time / fused time. --check compares the fused kernel (and, for scale,
-the unfused cuBLAS path) with an fp64 reference, --sweep times LS_SWEEP.
+the unfused cuBLAS path) with an fp64 reference, --sweep times LS_SWEEP. The same section (bench name linear_add)
+checks and times the output projection with its residual add (kernels.linear_add) at M x 512 -> 512 against
+cuBLAS F.linear then the add.
 """
 from __future__ import annotations
 
