@@ -21,7 +21,7 @@ from batch.run import run_job
 from batch.sequences import SequenceBuilder, in_window, shard_of
 
 from conftest import RUN_DATE, make_events
-from test_run import config, published
+from test_run import assert_same_recs, config, published
 
 WINDOW = (RUN_DATE - dt.timedelta(days=2), RUN_DATE)  # the log's first day falls outside
 
@@ -101,8 +101,10 @@ def test_job_results_do_not_depend_on_shards_and_leave_no_files(tmp_path, events
     for n in (1, 4):
         out = tmp_path / f"s{n}"
         run_job(config(events_dir, tiny_checkpoint, out, f"data.num_shards={n}", f"data.temp_dir={temp}"))
-        runs.append(published(out).select("user_id", "rank", "item_id", "score").sort("user_id", "rank"))
-    assert runs[0].height > 0 and runs[0].equals(runs[1])
+        runs.append(published(out))
+    # Other shards are other batch shapes: on some CPUs a score differs in its last bit; items and order may not.
+    assert runs[0].height > 0
+    assert_same_recs(runs[0], runs[1])
     assert temp.is_dir() and not list(temp.iterdir())
 
 
