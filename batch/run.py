@@ -10,14 +10,16 @@ import os
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from typing import Any
 
 import hydra
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
-from batch.config import JobConfig, to_job_config, window
+from batch.config import JobConfig, OutputConfig, to_job_config, window
 from batch.engines import Engine, build_engine
 from batch.engines.base import TopK, recommendations_table
 from batch.errors import BatchError, InputError
@@ -38,11 +40,12 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
 
     Shards flow through three stages at once: while the engine scores shard i, ``data.read_workers`` reader
     processes build shards i+1, i+2, ... (``batch.reader``) and a writer thread writes shard i-1, so the device does
-    not wait on Polars or Parquet. At most read_workers + 2 shards' sequences are in memory (being built or waiting,
-    scored, written): memory grows with read_workers. Shards are still scored and written in order, so the output
-    does not depend on the overlap or the number of readers. The shards' rows are read from the input once, in a
-    pass that writes each shard's rows to temporary files under ``data.temp_dir`` (``batch.reader.ShardFiles``);
-    that pass and the first shards' reading run while the engine starts.
+    not wait on Polars or Parquet; an engine that scores in the background (a vLLM pool) holds shard i+1 too. At most
+    read_workers + 3 shards' sequences are in memory (being built or waiting, scored, written): memory grows with
+    read_workers. Shards are still scored and written in order, so the output does not depend on the overlap or
+    the number of readers. The shards' rows are read from the input once, in a pass that writes each shard's rows
+    to temporary files under ``data.temp_dir`` (``batch.reader.ShardFiles``); the row count, that pass and the
+    first shards' reading run while the engine starts.
     """
     stats = RunStats()
     with stats.stage("load_checkpoint"):
@@ -51,22 +54,24 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     with stats.stage("scan"):
         source = scan_events(cfg.data.path, schema, storage_options=cfg.data.storage_options,
                              window=window(cfg.data), sql_filter=cfg.data.filter)
-        stats.add_rows(count_rows(source, ckpt.items.item_ids))
-    if stats.counts["rows_clean"] == 0:
-        raise InputError(f"no usable rows in {cfg.data.path!r} for the window ending {cfg.data.run_date} "
-                         f"({stats.counts['rows_read']} read, dropped: {stats.rows_dropped or 'none'})")
     builder = SequenceBuilder(ckpt, schema, cfg.data.max_seq_len)
     with ShardFiles(source, cfg.data.num_shards, cfg.data.temp_dir) as shards, \
             ShardReader(shards, builder, cfg.data.read_workers) as reader:
         log.info("%d reader process(es), %d Polars threads each", reader.workers, reader.threads)
 
-        def prepare() -> None:  # one more pass over the input (each shard's rows to its files), then read
+        def prepare() -> None:  # count the rows, one more pass (each shard's rows to its files), then read
+            with stats.stage("count"):
+                stats.add_rows(count_rows(source, ckpt.items.item_ids))
+            if stats.counts["rows_clean"] == 0:
+                raise InputError(f"no usable rows in {cfg.data.path!r} for the window ending {cfg.data.run_date} "
+                                 f"({stats.counts['rows_read']} read, dropped: {stats.rows_dropped or 'none'})")
             with stats.stage("partition"):
                 shards.write()
             reader.start()
 
-        # While the engine starts, the input is partitioned and the first shards are built: Polars runs on its own
-        # threads and the readers in their own processes, so neither waits for the other.
+        # While the engine starts, the input's rows are counted and partitioned and the first shards are built:
+        # Polars runs on its own threads and the readers in their own processes, so neither waits for the other.
+        # An input with no usable rows is reported once the engine has started (or failed to).
         prep = ThreadPoolExecutor(1, thread_name_prefix="mtgr-prepare")
         preparing = prep.submit(prepare)
         prep.shutdown(wait=False)  # its thread ends with prepare
@@ -100,20 +105,56 @@ def _score(cfg: JobConfig, ckpt: Checkpoint, source: EventSource, reader: ShardR
     with OutputWriter(cfg.output, run_date=cfg.data.run_date, model_version=ckpt.identity,
                       checkpoint_hash=ckpt.content_hash) as writer, ProgressLog(num_shards) as progress, \
             ThreadPoolExecutor(1, thread_name_prefix="mtgr-write") as writes:
-        written = None
+        written: Future[None] | None = None
+        in_engine: deque[Scoring] = deque()  # shards handed to the engine, oldest first
+        engine_free = 0.0  # when the engine finished the shard before (Unix seconds)
+
+        def finish(s: Scoring) -> None:  # the oldest shard's top-K to the writer thread
+            nonlocal written, engine_free
+            top = s.top.result()
+            done = s.done or time.time()  # the future's callback may run just after result() returns
+            start = max(s.submitted, engine_free)  # the engine's time on this shard, not on the one before
+            stats.add_stage("score", start, done, done - start)
+            engine_free = done
+            if written is not None:
+                written.result()  # one shard in the writer at a time, and its errors surface here
+            written = writes.submit(save, s.shard, s.seqs, top, s.t0)
+
         for shard in range(num_shards):
             t0 = time.perf_counter()
             with stats.stage("wait_for_data"):
                 built = reader.take()
             stats.add_stage("read", *built.read)
             stats.add_stage("sequences", *built.sequences)
-            with stats.stage("score"):
-                top = engine.score(built.seqs.batch, cfg.output.top_k, cfg.output.exclude_seen)
-            if written is not None:
-                written.result()  # one shard in the writer at a time, and its errors surface here
-            written = writes.submit(save, shard, built.seqs, top, t0)
+            in_engine.append(Scoring.hand_over(engine, shard, built.seqs, t0, cfg.output))
+            # An engine that scores in the background (a pool) gets the next shard before it finishes this one,
+            # so it never waits for the job between shards; one that scores in this thread is done already.
+            while in_engine and (len(in_engine) > 1 or in_engine[0].top.done()):
+                finish(in_engine.popleft())
+        while in_engine:
+            finish(in_engine.popleft())
         written.result()
         return writer.publish(build_manifest(cfg, ckpt, source, stats))
+
+
+@dataclass
+class Scoring:
+    """A shard handed to the engine: when (Unix seconds), its top-K to come, and when that was ready."""
+
+    shard: int
+    seqs: ShardSequences
+    t0: float  # perf_counter when the job started waiting for the shard (its progress line's time)
+    submitted: float
+    top: Future[TopK]
+    done: float = 0.0
+
+    @classmethod
+    def hand_over(cls, engine: Engine, shard: int, seqs: ShardSequences, t0: float, out: OutputConfig) -> "Scoring":
+        """Submit ``seqs`` to ``engine``; ``done`` is set when its top-K is ready."""
+        submitted = time.time()
+        s = cls(shard, seqs, t0, submitted, engine.submit(seqs.batch, out.top_k, out.exclude_seen))
+        s.top.add_done_callback(lambda _: setattr(s, "done", time.time()))
+        return s
 
 
 def absolute_paths(cfg: JobConfig) -> JobConfig:
