@@ -93,13 +93,17 @@ def _score(cfg: JobConfig, ckpt: Checkpoint, source: EventSource, reader: ShardR
            stats: RunStats) -> dict[str, Any]:
     """Read, score and write the shards (overlapped) and publish; returns the manifest."""
     num_shards = reader.num_shards
+    last_written = time.perf_counter()
 
-    def save(shard: int, seqs: ShardSequences, top: TopK, t0: float) -> None:  # writer thread
+    def save(shard: int, seqs: ShardSequences, top: TopK) -> None:  # writer thread
+        nonlocal last_written
         with stats.stage("write"):
             recs = recommendations_table(seqs.batch.user_ids, top, ckpt.items.item_ids)
             writer.write_shard(recs)
         stats.add_shard(seqs, recs.num_rows)
-        progress.shard_done(shard, len(seqs.batch), seqs.events_used, time.perf_counter() - t0)
+        now = time.perf_counter()  # shards overlap in the stages: a shard's time is the job's pace, write to write
+        progress.shard_done(shard, len(seqs.batch), seqs.events_used, now - last_written)
+        last_written = now
 
     # Exit order matters: the writer thread finishes before the output is published or aborted.
     with OutputWriter(cfg.output, run_date=cfg.data.run_date, model_version=ckpt.identity,
@@ -118,15 +122,14 @@ def _score(cfg: JobConfig, ckpt: Checkpoint, source: EventSource, reader: ShardR
             engine_free = done
             if written is not None:
                 written.result()  # one shard in the writer at a time, and its errors surface here
-            written = writes.submit(save, s.shard, s.seqs, top, s.t0)
+            written = writes.submit(save, s.shard, s.seqs, top)
 
         for shard in range(num_shards):
-            t0 = time.perf_counter()
             with stats.stage("wait_for_data"):
                 built = reader.take()
             stats.add_stage("read", *built.read)
             stats.add_stage("sequences", *built.sequences)
-            in_engine.append(Scoring.hand_over(engine, shard, built.seqs, t0, cfg.output))
+            in_engine.append(Scoring.hand_over(engine, shard, built.seqs, cfg.output))
             # An engine that scores in the background (a pool) gets the next shard before it finishes this one,
             # so it never waits for the job between shards; one that scores in this thread is done already.
             while in_engine and (len(in_engine) > 1 or in_engine[0].top.done()):
@@ -143,16 +146,15 @@ class Scoring:
 
     shard: int
     seqs: ShardSequences
-    t0: float  # perf_counter when the job started waiting for the shard (its progress line's time)
     submitted: float
     top: Future[TopK]
     done: float = 0.0
 
     @classmethod
-    def hand_over(cls, engine: Engine, shard: int, seqs: ShardSequences, t0: float, out: OutputConfig) -> "Scoring":
+    def hand_over(cls, engine: Engine, shard: int, seqs: ShardSequences, out: OutputConfig) -> "Scoring":
         """Submit ``seqs`` to ``engine``; ``done`` is set when its top-K is ready."""
         submitted = time.time()
-        s = cls(shard, seqs, t0, submitted, engine.submit(seqs.batch, out.top_k, out.exclude_seen))
+        s = cls(shard, seqs, submitted, engine.submit(seqs.batch, out.top_k, out.exclude_seen))
         s.top.add_done_callback(lambda _: setattr(s, "done", time.time()))
         return s
 
