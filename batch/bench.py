@@ -269,8 +269,8 @@ def summarise(m: dict[str, Any], lengths: np.ndarray, model_cfg: MTGRConfig, pea
         "pipeline_s": pipeline,
         "startup_s": t["load_checkpoint"] + t["engine_start"],
         "job_wall_s": m["bench"]["wall_s"],
-        **{f"{k}_s": t.get(k, 0.0) for k in ("scan", "count", "partition", "read", "sequences", "score", "wait_for_data",
-                                             "write")},
+        **{f"{k}_s": t.get(k, 0.0) for k in ("scan", "count", "partition", "read", "sequences", "score",
+                                             "wait_for_data", "write")},
     }
     if peak:
         s["mfu"] = s["tflops"] / peak

@@ -10,16 +10,14 @@ import os
 import signal
 import sys
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import hydra
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
-from batch.config import JobConfig, OutputConfig, to_job_config, window
+from batch.config import JobConfig, to_job_config, window
 from batch.engines import Engine, build_engine
 from batch.engines.base import TopK, recommendations_table
 from batch.errors import BatchError, InputError
@@ -40,12 +38,11 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
 
     Shards flow through three stages at once: while the engine scores shard i, ``data.read_workers`` reader
     processes build shards i+1, i+2, ... (``batch.reader``) and a writer thread writes shard i-1, so the device does
-    not wait on Polars or Parquet; an engine that scores in the background (a vLLM pool) holds shard i+1 too. At most
-    read_workers + 3 shards' sequences are in memory (being built or waiting, scored, written): memory grows with
-    read_workers. Shards are still scored and written in order, so the output does not depend on the overlap or
-    the number of readers. The shards' rows are read from the input once, in a pass that writes each shard's rows
-    to temporary files under ``data.temp_dir`` (``batch.reader.ShardFiles``); the row count, that pass and the
-    first shards' reading run while the engine starts.
+    not wait on Polars or Parquet. At most read_workers + 2 shards' sequences are in memory (being built or waiting,
+    scored, written): memory grows with read_workers. Shards are still scored and written in order, so the output
+    does not depend on the overlap or the number of readers. The shards' rows are read from the input once, in a
+    pass that writes each shard's rows to temporary files under ``data.temp_dir`` (``batch.reader.ShardFiles``);
+    the row count, that pass and the first shards' reading run while the engine starts.
     """
     stats = RunStats()
     with stats.stage("load_checkpoint"):
@@ -109,54 +106,19 @@ def _score(cfg: JobConfig, ckpt: Checkpoint, source: EventSource, reader: ShardR
     with OutputWriter(cfg.output, run_date=cfg.data.run_date, model_version=ckpt.identity,
                       checkpoint_hash=ckpt.content_hash) as writer, ProgressLog(num_shards) as progress, \
             ThreadPoolExecutor(1, thread_name_prefix="mtgr-write") as writes:
-        written: Future[None] | None = None
-        in_engine: deque[Scoring] = deque()  # shards handed to the engine, oldest first
-        engine_free = 0.0  # when the engine finished the shard before (Unix seconds)
-
-        def finish(s: Scoring) -> None:  # the oldest shard's top-K to the writer thread
-            nonlocal written, engine_free
-            top = s.top.result()
-            done = s.done or time.time()  # the future's callback may run just after result() returns
-            start = max(s.submitted, engine_free)  # the engine's time on this shard, not on the one before
-            stats.add_stage("score", start, done, done - start)
-            engine_free = done
-            if written is not None:
-                written.result()  # one shard in the writer at a time, and its errors surface here
-            written = writes.submit(save, s.shard, s.seqs, top)
-
+        written = None
         for shard in range(num_shards):
             with stats.stage("wait_for_data"):
                 built = reader.take()
             stats.add_stage("read", *built.read)
             stats.add_stage("sequences", *built.sequences)
-            in_engine.append(Scoring.hand_over(engine, shard, built.seqs, cfg.output))
-            # An engine that scores in the background (a pool) gets the next shard before it finishes this one,
-            # so it never waits for the job between shards; one that scores in this thread is done already.
-            while in_engine and (len(in_engine) > 1 or in_engine[0].top.done()):
-                finish(in_engine.popleft())
-        while in_engine:
-            finish(in_engine.popleft())
+            with stats.stage("score"):
+                top = engine.score(built.seqs.batch, cfg.output.top_k, cfg.output.exclude_seen)
+            if written is not None:
+                written.result()  # one shard in the writer at a time, and its errors surface here
+            written = writes.submit(save, shard, built.seqs, top)
         written.result()
         return writer.publish(build_manifest(cfg, ckpt, source, stats))
-
-
-@dataclass
-class Scoring:
-    """A shard handed to the engine: when (Unix seconds), its top-K to come, and when that was ready."""
-
-    shard: int
-    seqs: ShardSequences
-    submitted: float
-    top: Future[TopK]
-    done: float = 0.0
-
-    @classmethod
-    def hand_over(cls, engine: Engine, shard: int, seqs: ShardSequences, out: OutputConfig) -> "Scoring":
-        """Submit ``seqs`` to ``engine``; ``done`` is set when its top-K is ready."""
-        submitted = time.time()
-        s = cls(shard, seqs, submitted, engine.submit(seqs.batch, out.top_k, out.exclude_seen))
-        s.top.add_done_callback(lambda _: setattr(s, "done", time.time()))
-        return s
 
 
 def absolute_paths(cfg: JobConfig) -> JobConfig:

@@ -34,7 +34,7 @@ def torch_engine(path: str, instance: int) -> TorchEngine:
 
 class Faulty:
     """Fails as told by the batch's first token: 1 raises ValueError, 2 raises an unpicklable error, 3 exits,
-    4 answers and exits right after, 5 answers after a second."""
+    4 answers and exits right after."""
 
     def score(self, batch: UserBatch, top_k: int, exclude_seen: bool) -> TopK:
         kind = int(batch.tokens[0])
@@ -46,8 +46,6 @@ class Faulty:
             os._exit(3)
         if kind == 4:
             threading.Timer(0.2, os._exit, args=(4,)).start()
-        if kind == 5:
-            time.sleep(1.0)
         return TopK(np.full((len(batch), top_k), instance_token(batch), dtype=np.int64),
                     np.zeros((len(batch), top_k), dtype=np.float32))
 
@@ -132,37 +130,6 @@ def test_errors_come_back_from_the_instance_that_raised_them():
     finally:
         pool.close()
     assert pool.instances == 0
-
-
-def test_submitted_batches_queue_and_a_free_instance_takes_the_next_one():
-    pool = EnginePool(faulty_engine, 2, "faulty")  # 2 chunks per batch: one per instance
-    try:
-        slow = pool.submit(batch_of([5, 5], [5, 7]), 2, True)  # instance 0 sleeps on its chunk
-        fast = pool.submit(batch_of([5, 5, 5], [8, 8, 9]), 2, True)
-        failing = pool.submit(batch_of([5, 5], [1, 1]), 2, True)
-        after = pool.submit(batch_of([5], [6]), 2, True)
-        # Instance 1 scored both chunks of the second batch while instance 0 was still on the first's.
-        assert fast.result(timeout=30).items[:, 0].tolist() == [8, 8, 9]
-        assert not slow.done()
-        assert slow.result(timeout=30).items[:, 0].tolist() == [5, 7]
-        with pytest.raises(ValueError, match="bad batch"):
-            failing.result(timeout=30)
-        assert after.result(timeout=30).items[:, 0].tolist() == [6]  # a failed batch does not stop the queue
-    finally:
-        pool.close()
-
-
-def test_closing_fails_what_is_queued_and_waits_for_what_is_scoring():
-    pool = EnginePool(faulty_engine, 1, "faulty")
-    scoring = pool.submit(batch_of([5], [5]), 2, True)
-    time.sleep(0.3)  # the instance has taken it
-    queued = pool.submit(batch_of([5], [7]), 2, True)
-    pool.close()
-    assert scoring.result(timeout=0).items[0, 0] == 5
-    with pytest.raises(EngineFailed, match="closed"):
-        queued.result(timeout=0)
-    with pytest.raises(RuntimeError, match="closed"):
-        pool.submit(batch_of([5], [7]), 2, True)
 
 
 def test_an_instance_that_died_between_batches_stops_the_pool():

@@ -111,33 +111,6 @@ def test_a_failing_shard_stops_the_overlapped_pipeline_and_publishes_nothing(tmp
     assert sorted(p.name for p in (out / PARTITION).iterdir()) == ["part-0.parquet"]  # no staged leftovers
 
 
-def test_an_engine_that_scores_in_the_background_gives_the_same_output(tmp_path, events_dir, tiny_checkpoint,
-                                                                       monkeypatch):
-    """A pool (here of torch engines) gets shard i+1 before it has finished shard i; output and order must not
-    change, and the manifest's score time must not count a shard's time twice."""
-    from functools import partial
-
-    import batch.run
-    from batch.engines.pool import EnginePool
-    from test_pool import torch_engine
-
-    run_job(config(events_dir, tiny_checkpoint, tmp_path / "plain", "output.top_k=15", "data.num_shards=5"))
-    pools = []
-
-    def pool(cfg, checkpoint):
-        pools.append(EnginePool(partial(torch_engine, str(checkpoint.path)), 2, "torch", chunk_tokens=64))
-        return pools[-1]
-
-    monkeypatch.setattr(batch.run, "build_engine", pool)
-    out = tmp_path / "pool"
-    run_job(config(events_dir, tiny_checkpoint, out, "output.top_k=15", "data.num_shards=5"))
-    assert pools and pools[0].instances == 0  # closed by the job
-    assert_same_recs(published(out), published(tmp_path / "plain"))
-    m = manifest(out)
-    span = m["timeline"]["score"]
-    assert 0 < m["timings_seconds"]["score"] <= span["end"] - span["start"] + 0.01
-
-
 def test_manifest_times_each_stage_and_its_span(tmp_path, events_dir, tiny_checkpoint):
     out = tmp_path / "recs"
     run_job(config(events_dir, tiny_checkpoint, out, "data.num_shards=3"))

@@ -7,8 +7,6 @@ ItemVocab (token ``item_offset + i``), so OOV, special, profile and action token
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -60,25 +58,9 @@ class Engine(Protocol):
         """
         ...
 
-    def submit(self, batch: UserBatch, top_k: int, exclude_seen: bool) -> Future[TopK]:
-        """``score`` that may run in the background: the job hands the next shard over while this one finishes.
-        An engine that scores in the caller's thread returns a finished future (:func:`scored_now`)."""
-        ...
-
     def close(self) -> None:
         """Release the device and any worker processes."""
         ...
-
-
-def scored_now(score: Callable[[UserBatch, int, bool], TopK], batch: UserBatch, top_k: int,
-               exclude_seen: bool) -> Future[TopK]:
-    """``score(batch, top_k, exclude_seen)`` run now, in this thread, as a finished future (its error inside)."""
-    done: Future[TopK] = Future()
-    try:
-        done.set_result(score(batch, top_k, exclude_seen))
-    except Exception as e:  # noqa: BLE001 (the caller sees it from result(), as from a background engine)
-        done.set_exception(e)
-    return done
 
 
 def recommendations_table(user_ids: pa.Array, topk: TopK, item_ids: pa.Array) -> pa.Table:

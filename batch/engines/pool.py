@@ -5,10 +5,9 @@ that (bench/RESULTS.md, issue 6), so one vLLM engine leaves the GPU idle most of
 ``instances`` engines side by side, on one GPU, each in a spawned process with its own Python interpreter. A batch
 is cut into contiguous chunks of about ``chunk_tokens`` tokens (a multiple of ``instances`` of them), and an
 instance that finishes a chunk takes the next one: the instances drift apart, so one's host work (adding requests,
-reading results) overlaps the others' GPU work. Batches queue (``submit``): an instance that finishes the last
-chunk of one batch takes the first of the next, so the instances do not wait for each other at the end of a shard.
-Results come back in user order; each user is scored by exactly one engine, so the output is the same for any
-number of instances or chunks.
+reading results) overlaps the others' GPU work, and no instance idles at the end of a batch for long. Results come
+back in user order; each user is scored by exactly one engine, so the output is the same for any number of
+instances or chunks.
 
 The pool knows nothing of vLLM: ``factory(instance)`` builds the engine inside the child process.
 """
@@ -18,13 +17,10 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import threading
 import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -44,28 +40,8 @@ class EngineFailed(RuntimeError):
     """An engine process died (or closed its pipe): the pool cannot score any more."""
 
 
-@dataclass
-class _Job:
-    """One submitted batch: its future and its chunks' results, in user order."""
-
-    future: Future[TopK]
-    parts: list[TopK | None]
-    left: int
-
-
-@dataclass
-class _Chunk:
-    job: _Job
-    index: int
-    message: tuple[UserBatch, int, bool]  # what an instance's score() gets
-
-
 class EnginePool:
-    """``instances`` engines in child processes behind the :class:`Engine` interface.
-
-    A dispatcher thread sends the chunks of every submitted batch, oldest batch first, to whichever instance is
-    free, so the instances start on the next shard while the last chunks of this one finish.
-    """
+    """``instances`` engines in child processes behind the :class:`Engine` interface."""
 
     def __init__(self, factory: EngineFactory, instances: int, name: str = "engine", chunk_tokens: int = 1 << 18):
         if instances < 1 or chunk_tokens < 1:
@@ -74,12 +50,6 @@ class EnginePool:
         self.name = name
         self.chunk_tokens = chunk_tokens
         self._broken: str | None = None  # set when an instance died: the pool cannot score any more
-        self._stopping = False
-        self._todo: deque[_Chunk] = deque()  # chunks not sent yet, oldest batch first
-        self._lock = threading.Lock()
-        self._dispatcher: threading.Thread | None = None
-        self._wake_r, self._wake_w = os.pipe()  # a byte here wakes the dispatcher up (a new batch, or close)
-        os.set_blocking(self._wake_w, False)
         ctx = mp.get_context("spawn")  # a fork would copy the job's threads (Polars, CUDA) into the child
         self._procs: list[mp.process.BaseProcess] = []
         self._conns: list[Connection] = []
@@ -98,8 +68,6 @@ class EnginePool:
         except BaseException:
             self.close()
             raise
-        self._dispatcher = threading.Thread(target=self._dispatch, name=f"{name}-pool", daemon=True)
-        self._dispatcher.start()
 
     @property
     def instances(self) -> int:
@@ -107,100 +75,47 @@ class EnginePool:
 
     def score(self, batch: UserBatch, top_k: int, exclude_seen: bool) -> TopK:
         """Top-K of every user (see Engine.score): chunks of users go to whichever instance is free."""
-        return self.submit(batch, top_k, exclude_seen).result()
-
-    def submit(self, batch: UserBatch, top_k: int, exclude_seen: bool) -> Future[TopK]:
-        """Queue ``batch`` behind the batches submitted before it (see Engine.submit)."""
-        if self._stopping:
-            raise RuntimeError(f"{self.name} pool is closed")
-        future: Future[TopK] = Future()
+        if self._broken:
+            raise EngineFailed(self._broken)
         n = self.instances
         count = n * max(1, -(-int(batch.offsets[-1]) // (self.chunk_tokens * n)))
-        parts = [(a, b) for a, b in split_by_tokens(batch.offsets, count) if b > a]
+        todo = deque((c, part) for c, part in enumerate(split_by_tokens(batch.offsets, count)) if part[1] > part[0])
+        results: dict[int, TopK] = {}
+        errors: list[Exception] = []
+        running: dict[int, int] = {}  # instance -> chunk
+
+        def feed(i: int) -> None:
+            if todo and not errors:
+                c, (start, stop) = todo.popleft()
+                try:
+                    self._conns[i].send((batch.select(slice(start, stop)), top_k, exclude_seen))
+                except OSError:  # the instance died since its last answer
+                    self._broken = f"{self.name} instance {i} (pid {self._procs[i].pid}) is gone; its log is above"
+                    errors.append(EngineFailed(self._broken))
+                    return
+                running[i] = c
+
+        for i in range(n):
+            feed(i)
+        while running:  # every sent chunk is answered (or its instance is gone) before we return or raise
+            ready = set(wait([self._conns[i] for i in running] + [self._procs[i].sentinel for i in running]))
+            for i in [i for i in running if self._conns[i] in ready or self._procs[i].sentinel in ready]:
+                c = running.pop(i)
+                try:
+                    results[c] = self._receive(i)
+                except EngineFailed as e:
+                    self._broken = str(e)
+                    errors.append(e)
+                except Exception as e:  # noqa: BLE001 (an error of the batch: the instance serves on)
+                    errors.append(e)
+                if self._broken is None:
+                    feed(i)
+        if errors:
+            raise errors[0]
+        parts = [results[c] for c in sorted(results)]
         if not parts:
-            future.set_result(TopK(np.full((0, top_k), -1, dtype=np.int64),
-                                   np.full((0, top_k), -np.inf, dtype=np.float32)))
-            return future
-        job = _Job(future, [None] * len(parts), len(parts))
-        with self._lock:
-            if self._broken or self._stopping:
-                future.set_exception(EngineFailed(self._broken or f"{self.name} pool was closed"))
-                return future
-            self._todo.extend(_Chunk(job, c, (batch.select(slice(a, b)), top_k, exclude_seen))
-                              for c, (a, b) in enumerate(parts))
-        self._wake()
-        return future
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:  # the pipe is full of wake-ups already
-            pass
-
-    def _dispatch(self) -> None:
-        """The dispatcher thread: feed free instances, collect answers, settle futures, until closed."""
-        running: dict[int, _Chunk] = {}  # instance -> the chunk it is scoring
-        try:
-            while True:
-                with self._lock:
-                    if self._stopping or self._broken:
-                        self._fail_queued(EngineFailed(self._broken or f"{self.name} pool was closed"))
-                    if self._stopping and not running:
-                        return
-                    sends = []
-                    for i in range(self.instances):
-                        while i not in running and self._todo:
-                            chunk = self._todo.popleft()
-                            if not chunk.job.future.done():  # else an earlier chunk of its batch failed
-                                running[i] = chunk
-                                sends.append(i)
-                for i in sends:
-                    try:
-                        self._conns[i].send(running[i].message)
-                    except OSError:  # the instance died since its last answer
-                        self._fail(running.pop(i), EngineFailed(
-                            f"{self.name} instance {i} (pid {self._procs[i].pid}) is gone; its log is above"))
-                ready = set(wait([self._wake_r, *(self._conns[i] for i in running),
-                                  *(self._procs[i].sentinel for i in running)]))
-                if self._wake_r in ready:
-                    os.read(self._wake_r, 4096)
-                for i in [i for i in running if self._conns[i] in ready or self._procs[i].sentinel in ready]:
-                    chunk = running.pop(i)
-                    try:
-                        self._done(chunk, self._receive(i))
-                    except Exception as e:  # noqa: BLE001 (the batch's error; EngineFailed stops the pool)
-                        self._fail(chunk, e)
-        except BaseException as e:  # a bug here must not leave the job waiting forever
-            log.exception("%s pool: dispatcher failed", self.name)
-            with self._lock:
-                self._broken = self._broken or f"{self.name} pool dispatcher failed: {e!r}"
-                self._fail_queued(EngineFailed(self._broken))
-            for chunk in running.values():
-                self._fail(chunk, EngineFailed(self._broken))
-
-    def _done(self, chunk: _Chunk, top: TopK) -> None:
-        job = chunk.job
-        job.parts[chunk.index] = top
-        job.left -= 1
-        if job.left == 0 and not job.future.done():
-            job.future.set_result(TopK(np.concatenate([p.items for p in job.parts]),
-                                       np.concatenate([p.scores for p in job.parts])))
-
-    def _fail(self, chunk: _Chunk, error: Exception) -> None:
-        """``chunk``'s batch fails with ``error`` (its other chunks are dropped); EngineFailed breaks the pool."""
-        if isinstance(error, EngineFailed):
-            with self._lock:
-                self._broken = self._broken or str(error)
-                self._fail_queued(error)
-        if not chunk.job.future.done():
-            chunk.job.future.set_exception(error)
-
-    def _fail_queued(self, error: Exception) -> None:
-        """Fail every batch with chunks not sent yet (hold the lock)."""
-        for chunk in self._todo:
-            if not chunk.job.future.done():
-                chunk.job.future.set_exception(error)
-        self._todo.clear()
+            return TopK(np.full((0, top_k), -1, dtype=np.int64), np.full((0, top_k), -np.inf, dtype=np.float32))
+        return TopK(np.concatenate([p.items for p in parts]), np.concatenate([p.scores for p in parts]))
 
     def _receive(self, i: int) -> Any:
         """Instance i's answer; its error re-raised here; EngineFailed if it died without answering."""
@@ -220,19 +135,7 @@ class EnginePool:
         return value
 
     def close(self) -> None:
-        """Fail what is still queued, let the instances finish what they are scoring, and shut every engine
-        down; kill what has not exited after CLOSE_TIMEOUT_S."""
-        with self._lock:
-            self._stopping = True
-        self._wake()
-        if self._dispatcher is not None:
-            self._dispatcher.join(CLOSE_TIMEOUT_S)
-            if self._dispatcher.is_alive():  # an instance hangs on its chunk
-                log.warning("%s: instances still scoring after %.0fs; killing them", self.name, CLOSE_TIMEOUT_S)
-                for proc in self._procs:
-                    proc.kill()
-                self._dispatcher.join()
-            self._dispatcher = None
+        """Ask every instance to shut its engine down; kill what has not exited after CLOSE_TIMEOUT_S."""
         for conn in self._conns:
             try:
                 conn.send(None)
@@ -248,11 +151,6 @@ class EnginePool:
         for conn in self._conns:
             conn.close()
         self._procs, self._conns = [], []
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:  # closed by an earlier close()
-                pass
 
 
 def split_by_tokens(offsets: np.ndarray, parts: int) -> list[tuple[int, int]]:

@@ -8,7 +8,6 @@ which is the one wait per batch left; it only waits for the previous batch's ker
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +15,7 @@ import pyarrow as pa
 import torch
 
 from batch.config import Device, TorchEngineConfig
-from batch.engines.base import TopK, UserBatch, scored_now
+from batch.engines.base import TopK, UserBatch
 from batch.errors import ConfigError
 from batch.model import Checkpoint
 
@@ -140,10 +139,6 @@ class TorchEngine:
             h.copy_(t, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
         return [h.numpy().copy() for h in host]  # plain memory: pinned blocks go back to the allocator
-
-    def submit(self, batch: UserBatch, top_k: int, exclude_seen: bool) -> Future[TopK]:
-        """``score``, in this thread (see Engine.submit)."""
-        return scored_now(self.score, batch, top_k, exclude_seen)
 
     def close(self) -> None:
         self.model = None

@@ -9,7 +9,6 @@ import dataclasses
 import logging
 import os
 import time
-from concurrent.futures import Future
 from functools import partial
 from typing import Any
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from batch.config import VllmEngineConfig
-from batch.engines.base import Engine, TopK, UserBatch, scored_now
+from batch.engines.base import Engine, TopK, UserBatch
 from batch.engines.pool import EnginePool
 from batch.errors import ConfigError
 from batch.model.config import MTGRConfig
@@ -173,10 +172,6 @@ class VllmEngine:
         items[~np.isfinite(scores)] = -1  # fewer than k eligible items: leave the slot empty
         scores[items < 0] = -np.inf
         return TopK(items, scores)
-
-    def submit(self, batch: UserBatch, top_k: int, exclude_seen: bool) -> Future[TopK]:
-        """``score``, in this thread (see Engine.submit)."""
-        return scored_now(self.score, batch, top_k, exclude_seen)
 
     def close(self) -> None:
         if getattr(self, "llm", None) is not None:
