@@ -269,6 +269,13 @@ def drop_reason(window: tuple[dt.date, dt.date] | None) -> pl.Expr:
     return expr.otherwise(pl.lit(None, dtype=pl.String))
 
 
+def has_clean_rows(source: EventSource) -> bool:
+    """Whether any row survives cleaning. Stops at the first such row (a few ms); reads everything only when none
+    does."""
+    first = source.collect(source.frame.filter(pl.col(DROP_REASON).is_null()).select(DROP_REASON).head(1))
+    return first.height > 0
+
+
 def count_rows(source: EventSource | pl.LazyFrame, item_ids: pa.Array) -> dict[str, Any]:
     """One streaming pass: rows read, rows dropped by reason, clean rows and clean rows with unknown items."""
     frame = source.frame if isinstance(source, EventSource) else source

@@ -21,7 +21,7 @@ from batch.config import JobConfig, to_job_config, window
 from batch.engines import Engine, build_engine
 from batch.engines.base import TopK, recommendations_table
 from batch.errors import BatchError, InputError
-from batch.events import EventSchema, EventSource, count_rows, scan_events
+from batch.events import EventSchema, EventSource, count_rows, has_clean_rows, scan_events
 from batch.manifest import RunStats, build_manifest
 from batch.output import OutputWriter
 from batch.model import Checkpoint
@@ -51,6 +51,10 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     with stats.stage("scan"):
         source = scan_events(cfg.data.path, schema, storage_options=cfg.data.storage_options,
                              window=window(cfg.data), sql_filter=cfg.data.filter)
+        if not has_clean_rows(source):  # fail before the engine starts; the full count says why
+            stats.add_rows(count_rows(source, ckpt.items.item_ids))
+            raise InputError(f"no usable rows in {cfg.data.path!r} for the window ending {cfg.data.run_date} "
+                             f"({stats.counts['rows_read']} read, dropped: {stats.rows_dropped or 'none'})")
     builder = SequenceBuilder(ckpt, schema, cfg.data.max_seq_len)
     with ShardFiles(source, cfg.data.num_shards, cfg.data.temp_dir) as shards, \
             ShardReader(shards, builder, cfg.data.read_workers) as reader:
@@ -59,16 +63,12 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         def prepare() -> None:  # count the rows, one more pass (each shard's rows to its files), then read
             with stats.stage("count"):
                 stats.add_rows(count_rows(source, ckpt.items.item_ids))
-            if stats.counts["rows_clean"] == 0:
-                raise InputError(f"no usable rows in {cfg.data.path!r} for the window ending {cfg.data.run_date} "
-                                 f"({stats.counts['rows_read']} read, dropped: {stats.rows_dropped or 'none'})")
             with stats.stage("partition"):
                 shards.write()
             reader.start()
 
         # While the engine starts, the input's rows are counted and partitioned and the first shards are built:
         # Polars runs on its own threads and the readers in their own processes, so neither waits for the other.
-        # An input with no usable rows is reported once the engine has started (or failed to).
         prep = ThreadPoolExecutor(1, thread_name_prefix="mtgr-prepare")
         preparing = prep.submit(prepare)
         prep.shutdown(wait=False)  # its thread ends with prepare

@@ -195,6 +195,21 @@ def test_bad_input_fails_clearly_and_keeps_published_output(tmp_path, events_dir
     assert sorted(p.name for p in out.iterdir()) == [PARTITION]
 
 
+def test_an_input_without_usable_rows_fails_before_the_engine_starts(tmp_path, events_dir, tiny_checkpoint,
+                                                                     monkeypatch):
+    import batch.run
+
+    def no_engine(*args):
+        raise AssertionError("the engine was started")
+
+    monkeypatch.setattr(batch.run, "build_engine", no_engine)
+    events, checkpoint, _ = _break("all_rows_dirty", events_dir, tiny_checkpoint, tmp_path)
+    with pytest.raises(InputError, match=r"no usable rows .*negative_watch_duration"):
+        run_job(config(events, checkpoint, tmp_path / "recs"))
+    with pytest.raises(AssertionError, match="engine was started"):  # a usable input gets that far
+        run_job(config(events_dir, tiny_checkpoint, tmp_path / "recs"))
+
+
 def test_checkpoint_that_disagrees_with_the_preset_is_refused(tmp_path, events_dir, tiny_checkpoint):
     with pytest.raises(InputError, match=r"has d_model=16 but model preset 'tiny' says model\.arch\.d_model=64"):
         run_job(config(events_dir, tiny_checkpoint, tmp_path / "recs", "model=tiny"))
