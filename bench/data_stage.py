@@ -12,7 +12,8 @@
 2. Writes a small random-weight checkpoint whose ItemVocab has ``--vocab-items`` items (default 190,000) and
    whose ``max_seq_len`` is ``--max-seq-len`` tokens (default 256); weights are irrelevant here.
 3. For each ``num_shards`` runs a fresh subprocess that does what the job's data stage does —
-   ``scan_events`` (list, prune, footer checks, lazy scan), ``count_rows`` (drop reasons, one pass) and one
+   ``scan_events`` (list, prune, footer checks, lazy scan) with its look for one usable row (``has_clean_rows``;
+   scan_probe), ``count_rows`` (drop reasons, one pass; count) and one
    pass that writes each shard's rows to its temporary files (``ShardFiles.write``; all three: scan_validate;
    before 2026-11-27 each shard scanned the whole input in shard_read instead), then per
    shard ``ShardFiles.frame(k)`` collected (shard_read) + ``build`` (sort, last-N, tokenise: sequences) — and
@@ -168,7 +169,7 @@ def _cpu_s() -> float:
 def measure(events_dir: Path, checkpoint: Path, num_shards: int) -> dict:
     """The data stage as ``batch.run.run_job`` runs it, with ``num_shards`` shards; counts, timings, memory."""
     from batch.config import DEFAULT_COLUMNS, DataConfig, window
-    from batch.events import EventSchema, count_rows, scan_events
+    from batch.events import EventSchema, count_rows, has_clean_rows, scan_events
     from batch.model import load_checkpoint
     from batch.reader import ShardFiles
     from batch.sequences import SequenceBuilder
@@ -180,7 +181,11 @@ def measure(events_dir: Path, checkpoint: Path, num_shards: int) -> dict:
 
     t0, c0 = time.perf_counter(), _cpu_s()
     source = scan_events(str(events_dir), schema, window=win)
+    if not has_clean_rows(source):
+        raise SystemExit(f"no usable rows in {events_dir}")
+    tp = time.perf_counter()
     counts = count_rows(source, ckpt.items.item_ids)
+    tc = time.perf_counter()
     with ShardFiles(source, num_shards) as shards:
         shards.write()
         t1, c1 = time.perf_counter(), _cpu_s()
@@ -206,7 +211,7 @@ def measure(events_dir: Path, checkpoint: Path, num_shards: int) -> dict:
     t2 = time.perf_counter()
     return {"rows_read": counts["rows_read"], "rows_clean": counts["rows_clean"], "users": users,
             "events_used": used, "tokens": tokens, "digest": digest.hexdigest()[:16],
-            "scan_validate_s": t1 - t0, "shard_read_s": read_s,
+            "scan_validate_s": t1 - t0, "scan_probe_s": tp - t0, "count_s": tc - tp, "shard_read_s": read_s,
             "sequences_s": build_s, "wall_s": t2 - t0, "scan_validate_cpu_s": c1 - c0,
             "shard_read_cpu_s": read_cpu, "sequences_cpu_s": build_cpu, "shard_files_mb": files_mb,
             "rss_after_setup_mb": rss_setup,
@@ -284,7 +289,8 @@ def main() -> None:
                   "max_seq_len": args.max_seq_len, "row_group_rows": ROW_GROUP if args.log == "days" else 1 << 20,
                   "loadavg_1m_before": round(load_before, 2), "loadavg_1m_after": round(os.getloadavg()[0], 2)}
         metrics = [("events_per_s", r["rows_read"] / r["wall_s"], "events/s"), ("wall", r["wall_s"], "s"),
-                   ("scan_validate", r["scan_validate_s"], "s"), ("shard_read", r["shard_read_s"], "s"),
+                   ("scan_validate", r["scan_validate_s"], "s"), ("scan_probe", r["scan_probe_s"], "s"),
+                   ("count", r["count_s"], "s"), ("shard_read", r["shard_read_s"], "s"),
                    ("sequences", r["sequences_s"], "s"), ("scan_validate_cpu", r["scan_validate_cpu_s"], "s"),
                    ("shard_read_cpu", r["shard_read_cpu_s"], "s"), ("sequences_cpu", r["sequences_cpu_s"], "s"),
                    ("shard_files", r["shard_files_mb"], "MiB"), ("peak_rss", r["peak_rss_mb"], "MiB"),
