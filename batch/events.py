@@ -270,8 +270,8 @@ def drop_reason(window: tuple[dt.date, dt.date] | None) -> pl.Expr:
 
 
 def has_clean_rows(source: EventSource) -> bool:
-    """Whether any row survives cleaning. Stops at the first such row (a few ms); reads everything only when none
-    does."""
+    """Whether any row survives cleaning. Stops at the first such row (in the first row group read, as a rule);
+    reads everything only when none does."""
     first = source.collect(source.frame.filter(pl.col(DROP_REASON).is_null()).select(DROP_REASON).head(1))
     return first.height > 0
 
