@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from batch.errors import InputError
-from batch.events import count_rows, list_files, normalize, prune_partitions, scan_events
+from batch.events import count_rows, has_clean_rows, list_files, normalize, prune_partitions, scan_events
 
 from conftest import RUN_DATE, make_events, write_hive
 
@@ -114,6 +114,20 @@ def test_dirty_rows_are_counted_by_first_reason(schema, checkpoint):
                                       "watch_percentage_out_of_range": 2}
     assert counts["rows_clean"] == 2  # video 9999 (unknown) and the NaN/null-feature row are kept
     assert counts["rows_unknown_item"] == 1
+
+
+def test_has_clean_rows_finds_one_usable_row_in_the_last_file(tmp_path, schema, checkpoint):
+    events = make_events(num_users=3, unknown_items=False)
+    day = events["timestamp"].dt.date()
+    last = day.max()
+    dirty = events.with_columns(pl.lit(-1.0).alias("watch_duration"))  # every row: negative_watch_duration
+    assert not has_clean_rows(scan(write_hive(dirty, tmp_path / "dirty"), schema))
+    one_clean = dirty.with_columns(
+        watch_duration=pl.when((day == last) & (pl.int_range(pl.len()) == pl.len() - 1))
+        .then(1.0).otherwise(pl.col("watch_duration")))
+    source = scan(write_hive(one_clean, tmp_path / "one"), schema)
+    assert has_clean_rows(source)
+    assert count_rows(source, checkpoint.items.item_ids)["rows_clean"] == 1
 
 
 def test_sql_filter_and_column_mapping(tmp_path, checkpoint, events_frame):
