@@ -105,6 +105,9 @@ class TorchEngineConfig(EngineConfig):
     device: Device = Device.auto  # auto = cuda when available, else cpu
     dtype: DType = DType.float32
     batch_tokens: int = 65536  # token budget of one jagged batch (no padding); see conf/engine/torch.yaml
+    # Share of the device memory free at a shard's start (after the model, the shard's tokens and a 1 GiB reserve)
+    # that one batch may use; batches are cut to fit it by batch.model.memory's estimate (users x item logits).
+    memory_fraction: float = 0.5
 
 
 @dataclass
@@ -229,6 +232,7 @@ def validate(job: JobConfig) -> None:
              f"one of {sorted(ENGINE_SCHEMAS)}")
     if isinstance(e, TorchEngineConfig):
         _require(e.batch_tokens >= 1, "engine.batch_tokens", e.batch_tokens, "an integer >= 1")
+        _require(0.0 < e.memory_fraction <= 1.0, "engine.memory_fraction", e.memory_fraction, "a fraction in (0, 1]")
     if isinstance(e, VllmEngineConfig):
         _require(e.tensor_parallel_size >= 1, "engine.tensor_parallel_size", e.tensor_parallel_size,
                  "an integer >= 1")

@@ -112,6 +112,7 @@ def test_bad_type_names_the_key():
     ("data.num_shards=0", "data.num_shards"), ("output.top_k=0", "output.top_k"),
     ("data.lookback_days=0", "data.lookback_days"), ("data.run_date=2026-13-01", "data.run_date"),
     ("data.max_seq_len=1", "data.max_seq_len"), ("engine.batch_tokens=0", "engine.batch_tokens"),
+    ("engine.memory_fraction=0", "engine.memory_fraction"), ("engine.memory_fraction=1.5", "engine.memory_fraction"),
     ("data.filter='category ==== 1'", "data.filter"),
 ])
 def test_bad_range_names_key_and_allowed(override, key):

@@ -9,11 +9,13 @@ import torch
 
 from batch.config import Device, DType, TorchEngineConfig
 from batch.engines.base import TopK, UserBatch, recommendations_table
-from batch.engines.torch_engine import (TorchEngine, candidate_topk, deterministic_topk, mask_seen_items,
-                                        pack_by_tokens, resolve_device)
+from batch.engines import torch_engine as torch_engine_module
+from batch.engines.torch_engine import (RESERVE_BYTES, TorchEngine, candidate_topk, deterministic_topk, free_memory,
+                                        mask_seen_items, pack_batches, resolve_device)
 from batch.errors import ConfigError
 from batch.events import normalize
 from batch.model import load_checkpoint
+from batch.model.memory import BatchMemory, scoring_batch_memory
 from batch.sequences import SequenceBuilder
 
 from conftest import NUM_ITEMS, make_events
@@ -41,10 +43,66 @@ def reference_scores(checkpoint, batch: UserBatch) -> np.ndarray:
     return np.stack(rows)
 
 
-def test_pack_by_tokens_respects_the_budget_and_covers_everyone():
+def test_pack_batches_respects_the_budget_and_covers_everyone():
     lengths = np.array([5, 5, 5, 12, 1, 1, 3])
-    assert pack_by_tokens(lengths, 10) == [(0, 2), (2, 3), (3, 4), (4, 7)]  # 12 > budget: a batch of its own
-    assert pack_by_tokens(lengths, 1000) == [(0, 7)] and pack_by_tokens(np.array([], int), 10) == []
+    assert pack_batches(lengths, 10) == [(0, 2), (2, 3), (3, 4), (4, 7)]  # 12 > budget: a batch of its own
+    assert pack_batches(lengths, 1000) == [(0, 7)] and pack_batches(np.array([], int), 10) == []
+
+
+def test_pack_batches_respects_the_memory_estimate_too():
+    lengths = np.array([5, 5, 5, 12, 1, 1, 3])
+    cost = BatchMemory(per_token=10, per_user=100)  # two users of 1 token fit 250 bytes, two of 5 do not
+    assert pack_batches(lengths, 1000, cost, 250) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 6), (6, 7)]
+    assert pack_batches(lengths, 10, cost, 10**9) == pack_batches(lengths, 10)  # a loose bound changes nothing
+    assert pack_batches(lengths, 1000, cost, None) == [(0, 7)]  # free memory unknown: tokens only
+
+
+def test_the_memory_estimate_grows_with_items_width_and_precision(tiny_checkpoint):
+    cfg = load_checkpoint(str(tiny_checkpoint)).config
+    fp32, bf16 = scoring_batch_memory(cfg, 4), scoring_batch_memory(cfg, 2)
+    assert fp32.per_token == 2 * bf16.per_token - 5 * 8 - 1 and fp32.per_user > bf16.per_user
+    wide = scoring_batch_memory(type(cfg)(**{**cfg.__dict__, "num_items": 10 * cfg.num_items}), 2)
+    assert wide.per_user - bf16.per_user == 2 * 2 * 9 * cfg.num_items  # logits + top-K scratch, per extra item
+    assert bf16.bytes(100, 3) == 100 * bf16.per_token + 3 * bf16.per_user
+
+
+def test_free_memory_is_known_on_linux_cpu():
+    free = free_memory(torch.device("cpu"))
+    assert free is None or 0 < free < 1 << 50
+
+
+def test_batch_budget_is_the_fraction_of_free_memory_after_the_reserve(checkpoint, monkeypatch):
+    eng = engine(checkpoint)
+    monkeypatch.setattr(torch_engine_module, "free_memory", lambda device: RESERVE_BYTES + 3000)
+    assert eng.memory_fraction == 0.5 and eng.batch_budget() == 1500 and eng.batch_budget(reserved=1000) == 1000
+    monkeypatch.setattr(torch_engine_module, "free_memory", lambda device: 10)
+    assert eng.batch_budget() == 0  # never negative
+    monkeypatch.setattr(torch_engine_module, "free_memory", lambda device: None)
+    assert eng.batch_budget() is None
+
+
+def test_a_small_memory_budget_cuts_batches_by_users_without_changing_results(checkpoint, seqs, monkeypatch):
+    want = engine(checkpoint, batch_tokens=100_000).score(seqs.batch, 10, True)
+    eng = engine(checkpoint, batch_tokens=100_000)
+    cost = eng.batch_memory
+    lengths = seqs.batch.lengths
+    budget = cost.bytes(2 * int(lengths.max()), 2)  # room for two of the longest users: 12 users need 3+ batches
+    cuts = []
+    real = torch_engine_module.pack_batches
+    monkeypatch.setattr(TorchEngine, "batch_budget", lambda self, reserved=0: budget)
+    monkeypatch.setattr(torch_engine_module, "pack_batches", lambda *a: cuts.append(real(*a)) or cuts[-1])
+    got = eng.score(seqs.batch, 10, True)
+    assert len(cuts) == 1 and len(cuts[0]) >= 3 and cuts[0][0][0] == 0 and cuts[0][-1][1] == len(lengths)
+    assert all(cost.bytes(int(lengths[a:b].sum()), b - a) <= budget for a, b in cuts[0])
+    assert all(cost.bytes(int(lengths[a:b + 1].sum()), b + 1 - a) > budget for a, b in cuts[0][:-1])  # full
+    assert np.array_equal(got.items, want.items)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_an_engine_that_cannot_fit_one_user_fails_at_start(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(torch_engine_module, "free_memory", lambda device: RESERVE_BYTES + 1000)
+    with pytest.raises(ConfigError, match=r"engine\.memory_fraction=0\.5 .*one user of max_seq_len"):
+        TorchEngine(TorchEngineConfig(device=Device.cpu), load_checkpoint(str(tiny_checkpoint)))
 
 
 def test_deterministic_topk_breaks_ties_by_lower_index():
@@ -154,7 +212,7 @@ def legacy_score(eng: TorchEngine, batch: UserBatch, top_k: int, exclude_seen: b
     items = np.full((len(batch), top_k), -1, dtype=np.int64)
     scores = np.full((len(batch), top_k), -np.inf, dtype=np.float32)
     with torch.inference_mode():
-        for start, stop in pack_by_tokens(batch.lengths, eng.batch_tokens):
+        for start, stop in pack_batches(batch.lengths, eng.batch_tokens):
             sub = batch.select(slice(start, stop))
             tokens, offsets = torch.from_numpy(sub.tokens), torch.from_numpy(sub.offsets)
             # the same forward as the engine (last rows only): this test is about the top-K and masking loop
@@ -217,7 +275,7 @@ def test_deliberate_ties_go_to_lower_item_indices(tiny_checkpoint, seqs):
 
 def test_one_copy_to_the_host_per_shard_without_ties(checkpoint, seqs, monkeypatch):
     eng = engine(checkpoint, batch_tokens=40)
-    assert len(pack_by_tokens(seqs.batch.lengths, 40)) > 3
+    assert len(pack_batches(seqs.batch.lengths, 40)) > 3
     calls = []
     real = TorchEngine._to_host
     monkeypatch.setattr(TorchEngine, "_to_host", lambda self, *t: calls.append(len(t)) or real(self, *t))

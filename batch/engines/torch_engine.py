@@ -4,10 +4,15 @@ The per-batch loop never waits for the GPU on its own account: a shard's tokens 
 (pinned, asynchronous), batches are views of them, every batch's top-K stays on the device and the whole shard's
 results come back in one copy at the end. (``MTGR.forward`` still reads the batch's longest sequence on the host,
 which is the one wait per batch left; it only waits for the previous batch's kernels.)
+
+Batch sizes come from the token budget and from free memory: at each shard's start the engine reads how much memory
+the device has free and cuts batches so that the model's estimate of a batch's peak (batch.model.memory: tokens x
+layer activations + users x item logits) fits ``memory_fraction`` of it. Results do not depend on the cut.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,11 +23,17 @@ from batch.config import Device, TorchEngineConfig
 from batch.engines.base import TopK, UserBatch
 from batch.errors import ConfigError
 from batch.model import Checkpoint
+from batch.model.memory import BatchMemory, scoring_batch_memory
 
 # Extra top-K candidates taken so that a tie at the K-th score is settled without a full sort (see candidate_topk).
 # In bf16 over ~1M items a tie at the K-th score is common (about K/20 items share one bf16 value there), so the
 # default is max(MIN_TIE_SLACK, K); a row whose tie runs past the slack falls back to a full sort at the end.
 MIN_TIE_SLACK = 64
+# Memory left out of every batch budget: CUDA/cuBLAS workspaces, allocator rounding, the PyTorch attention
+# reference's padded score chunks (bounded in size, not per token).
+RESERVE_BYTES = 1 << 30
+GIB = float(1 << 30)
+log = logging.getLogger("batch.engines.torch")
 
 
 class TorchEngine:
@@ -32,12 +43,16 @@ class TorchEngine:
         self.device = resolve_device(cfg.device)
         self.dtype = getattr(torch, cfg.dtype.value)
         self.batch_tokens = cfg.batch_tokens
+        self.memory_fraction = cfg.memory_fraction
+        self.itemsize = torch.empty((), dtype=self.dtype).element_size()
+        self.batch_memory = scoring_batch_memory(checkpoint.config, self.itemsize)
         self.model = checkpoint.model.to(self.device, self.dtype).eval()
         self.model.embed.build_table()  # the cached embedding table must live on the new device and dtype
         self.item_offset = checkpoint.layout.item_offset
         self.num_items = checkpoint.config.num_items
         self.tie_slack: int | None = None  # None: max(MIN_TIE_SLACK, k); tests set it small to force the fallback
         self.warm_up(checkpoint.config.max_seq_len)
+        self._check_memory(checkpoint.config.max_seq_len)
 
     def warm_up(self, max_seq_len: int) -> None:
         """Score small dummy batches once, so that Triton's kernel compilation and the first CUDA allocations
@@ -52,13 +67,48 @@ class TorchEngine:
             users = pa.array(np.arange(len(lengths), dtype=np.int64))
             self.score(UserBatch(users, tokens, offsets), min(10, self.num_items), True)
 
+    def batch_budget(self, reserved: int = 0) -> int | None:
+        """Bytes one batch may use now: ``memory_fraction`` of the free memory less RESERVE_BYTES and ``reserved``
+        (what the caller is about to put on the device); None where free memory is unknown (no bound)."""
+        free = free_memory(self.device)
+        if free is None:
+            return None
+        return max(0, int((free - RESERVE_BYTES - reserved) * self.memory_fraction))
+
+    def resident_bytes(self, batch: UserBatch, k: int) -> int:
+        """Device bytes held for a whole ``score`` call beside its batches: the shard's token and offset vectors
+        and, per user, the kept last-position rows and the k (+ slack) candidate results."""
+        per_user = 2 * self.model.config.d_model * self.itemsize + 24 * (k + MIN_TIE_SLACK)
+        return batch.tokens.nbytes + batch.offsets.nbytes + len(batch) * per_user
+
+    def _check_memory(self, max_seq_len: int) -> None:
+        """Fail at start, not in the first shard, if one user of the checkpoint's longest length cannot fit."""
+        budget, cost = self.batch_budget(), self.batch_memory
+        if budget is None:
+            log.info("torch engine: free memory on %s unknown; batches are cut by engine.batch_tokens=%d only",
+                     self.device, self.batch_tokens)
+            return
+        need = cost.bytes(max_seq_len, 1)
+        if need > budget:
+            raise ConfigError(f"engine.memory_fraction={self.memory_fraction} of the memory free on {self.device} "
+                              f"allows {budget / GIB:.2f} GiB per batch, but one user of max_seq_len={max_seq_len} "
+                              f"tokens needs about {need / GIB:.2f} GiB (item logits over {self.num_items:,} items "
+                              "included): raise engine.memory_fraction or free the device")
+        tokens = min(self.batch_tokens, (budget - cost.per_user) // cost.per_token)
+        log.info("torch engine: a batch may use %.2f GiB on %s (%.0f%% of free memory less %.0f GiB reserve): at "
+                 "most %d tokens (engine.batch_tokens=%d) and %d users of one token; %.1f KiB per token, %.1f MiB "
+                 "per user", budget / GIB, self.device, 100 * self.memory_fraction, RESERVE_BYTES / GIB, tokens,
+                 self.batch_tokens, budget // (cost.per_user + cost.per_token), cost.per_token / 1024,
+                 cost.per_user / 2**20)
+
     @torch.inference_mode()
     def score(self, batch: UserBatch, top_k: int, exclude_seen: bool) -> TopK:
-        """Top-K items of every user; the result is the same for any token budget (see Engine.score)."""
+        """Top-K items of every user; the result is the same for any batch cut (see Engine.score)."""
         k = min(top_k, self.num_items)
         items = np.full((len(batch), top_k), -1, dtype=np.int64)
         scores = np.full((len(batch), top_k), -np.inf, dtype=np.float32)
-        ranges = pack_by_tokens(batch.lengths, self.batch_tokens)
+        ranges = pack_batches(batch.lengths, self.batch_tokens, self.batch_memory,
+                              self.batch_budget(self.resident_bytes(batch, k)))
         if ranges and k > 0:
             scores[:, :k], items[:, :k] = self._top_k(batch, ranges, k, exclude_seen)
         items[~np.isfinite(scores)] = -1  # fewer than k eligible items: leave the slot empty
@@ -166,11 +216,30 @@ def resolve_device(device: Device) -> torch.device:
     return torch.device(device.value)
 
 
-def pack_by_tokens(lengths: np.ndarray, budget: int) -> list[tuple[int, int]]:
-    """Consecutive user ranges whose total tokens fit ``budget`` (a longer user gets a batch of its own)."""
+def free_memory(device: torch.device) -> int | None:
+    """Bytes new tensors can take on ``device``: on CUDA the driver's free memory plus what PyTorch's caching
+    allocator holds unused; on Linux CPU MemAvailable; None where unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def pack_batches(lengths: np.ndarray, max_tokens: int, cost: BatchMemory | None = None,
+                 max_bytes: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive user ranges of at most ``max_tokens`` tokens and, given ``cost`` and ``max_bytes``, at most
+    ``max_bytes`` estimated bytes (a user that alone exceeds either gets a batch of its own)."""
+    bounded = cost is not None and max_bytes is not None
     ranges, start, used = [], 0, 0
     for i, n in enumerate(lengths.tolist()):
-        if i > start and used + n > budget:
+        if i > start and (used + n > max_tokens or (bounded and cost.bytes(used + n, i + 1 - start) > max_bytes)):
             ranges.append((start, i))
             start, used = i, 0
         used += n
