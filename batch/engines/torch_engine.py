@@ -152,12 +152,19 @@ class TorchEngine:
         if not host_exact.all():
             for part in kept:
                 rows = np.flatnonzero(~host_exact[part.start: part.stop])
-                if len(rows):
-                    logits = self._logits(part.last, part.tokens, part.offsets, exclude_seen)
-                    fixed = torch.sort(logits[torch.from_numpy(rows).to(self.device)], dim=1, descending=True,
+                if not len(rows):
+                    continue
+                logits = self._logits(part.last, part.tokens, part.offsets, exclude_seen)
+                # A row's sort holds a copy, the sorted values and int64 indices: (2 * itemsize + 8) bytes per item
+                # against the itemsize its logits row has. Sorting that many fewer rows at a time keeps the
+                # fallback inside the batch's memory estimate (logits + as much again per user).
+                step = max(1, (part.stop - part.start) * self.itemsize // (2 * self.itemsize + 8))
+                for lo in range(0, len(rows), step):
+                    some = rows[lo: lo + step]
+                    fixed = torch.sort(logits[torch.from_numpy(some).to(self.device)], dim=1, descending=True,
                                        stable=True)
-                    host_values[part.start + rows] = fixed.values[:, :k].float().cpu().numpy()
-                    host_index[part.start + rows] = fixed.indices[:, :k].cpu().numpy()
+                    host_values[part.start + some] = fixed.values[:, :k].float().cpu().numpy()
+                    host_index[part.start + some] = fixed.indices[:, :k].cpu().numpy()
         return host_values, host_index
 
     def _logits(self, last: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor,
