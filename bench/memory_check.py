@@ -57,7 +57,7 @@ def main() -> None:
           f"top-{a.top_k}; {engine.batch_memory}", flush=True)
     worst = 0.0
     for shape in a.shapes:
-        users, events = shape.split("x")
+        users, _, events = shape.partition("x")
         longest = layout.max_events(cfg.max_seq_len)
         n_events = longest if events == "max" else min(int(events), longest)
         batch = token_batch(layout, cfg.num_items, np.full(int(users), n_events, dtype=np.int64), seed=0)
