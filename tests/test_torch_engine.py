@@ -71,6 +71,18 @@ def test_free_memory_is_known_on_linux_cpu():
     assert free is None or 0 < free < 1 << 50
 
 
+def test_free_memory_on_cpu_respects_a_cgroup_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch_engine_module, "CGROUP_DIR", str(tmp_path))
+    (tmp_path / "memory.max").write_text("3000000\n")
+    (tmp_path / "memory.current").write_text("1000000\n")
+    assert free_memory(torch.device("cpu")) == 2_000_000  # the container's 2 MB, not the host's MemAvailable
+    (tmp_path / "memory.max").write_text("max\n")  # no limit: MemAvailable as before
+    monkeypatch.setattr(torch_engine_module, "CGROUP_DIR", str(tmp_path / "none"))
+    without = free_memory(torch.device("cpu"))
+    monkeypatch.setattr(torch_engine_module, "CGROUP_DIR", str(tmp_path))
+    assert abs(free_memory(torch.device("cpu")) - without) < 1 << 28  # both MemAvailable, read moments apart
+
+
 def test_batch_budget_is_the_fraction_of_free_memory_after_the_reserve(checkpoint, monkeypatch):
     eng = engine(checkpoint)
     monkeypatch.setattr(torch_engine_module, "free_memory", lambda device: RESERVE_BYTES + 3000)

@@ -13,6 +13,7 @@ layer activations + users x item logits) fits ``memory_fraction`` of it. Results
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ MIN_TIE_SLACK = 64
 # reference's padded score chunks (bounded in size, not per token).
 RESERVE_BYTES = 1 << 30
 GIB = float(1 << 30)
+CGROUP_DIR = "/sys/fs/cgroup"  # the job's own cgroup (v2) as a container sees it
 log = logging.getLogger("batch.engines.torch")
 
 
@@ -225,18 +227,24 @@ def resolve_device(device: Device) -> torch.device:
 
 def free_memory(device: torch.device) -> int | None:
     """Bytes new tensors can take on ``device``: on CUDA the driver's free memory plus what PyTorch's caching
-    allocator holds unused; on Linux CPU MemAvailable; None where unknown."""
+    allocator holds unused; on Linux CPU MemAvailable, or less if the job's cgroup (v2) limit leaves less; None
+    where unknown."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    available = None
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+            available = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
+        with open(os.path.join(CGROUP_DIR, "memory.max")) as f:
+            limit = f.read().strip()
+        with open(os.path.join(CGROUP_DIR, "memory.current")) as f:
+            used = int(f.read())
+        if limit != "max":  # a container's limit: the host's MemAvailable does not see it
+            available = min(available if available is not None else 1 << 62, int(limit) - used)
+    except (OSError, ValueError):
         pass
-    return None
+    return available
 
 
 def pack_batches(lengths: np.ndarray, max_tokens: int, cost: BatchMemory | None = None,
