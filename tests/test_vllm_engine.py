@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
@@ -217,3 +218,16 @@ def test_instance_config_shares_the_memory_and_fixes_the_kv_cache(engines):
     assert instance_config(cfg, config, on_cpu=True).kv_cache_memory_bytes is None  # cpu_kv_cache_bytes applies
     fixed = VllmEngineConfig(kv_cache_memory_bytes=1 << 30, instances=2)
     assert instance_config(fixed, config, on_cpu=False).kv_cache_memory_bytes == 1 << 30
+
+
+def test_pool_instances_keep_one_torch_thread_unless_told(monkeypatch):
+    from batch.engines.vllm.engine import limit_host_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert limit_host_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert limit_host_threads() == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

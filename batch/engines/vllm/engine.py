@@ -74,7 +74,23 @@ def _pool_instance(cfg: VllmEngineConfig, path: str, config: MTGRConfig, instanc
     """A pool instance, in its own process: vLLM's engine core runs in this process too (no IPC per request;
     the pool's processes are the parallelism)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if not current_platform.is_cpu():
+        limit_host_threads()
     return VllmEngine(cfg, path, config)
+
+
+def limit_host_threads() -> int:
+    """One torch CPU thread in this process unless OMP_NUM_THREADS says otherwise; returns the count.
+
+    vLLM does the same in the worker processes it starts itself, but a pool instance runs its engine core and
+    worker in-process, where torch would keep a thread per core: a dozen instances on a 16-core host would each
+    start 16 OpenMP threads for the small CPU tensor operations of vLLM's request path, and compete for the CPUs
+    that their host work (the GPU's only limit in a pool) needs. (On CPU the model itself runs on these threads,
+    set by ``cpu_omp_threads_bind``, so this is for GPUs only.)
+    """
+    threads = int(os.environ.get("OMP_NUM_THREADS", "") or 1)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def engine_kwargs(cfg: VllmEngineConfig, max_seq_len: int, on_cpu: bool, num_gpus: int) -> dict[str, Any]:
