@@ -76,6 +76,9 @@ class DataConfig:
     # Reader processes building shards ahead of the engine, in parallel; 0 = auto: one per 4 CPUs, at most 4.
     # Never more than num_shards. Memory: up to read_workers + 2 shards' sequences at once.
     read_workers: int = 0
+    # Niceness added to the reader processes: when the host's CPUs are all busy, the engine's own host work (kernel
+    # launches, vLLM's request path) runs first and the readers take what is left. 0 = the job's own priority.
+    reader_nice: int = 10
     # Local directory for the shard files (one pass over the input writes each shard's rows, uncompressed Arrow IPC,
     # ~50 bytes per in-window event; removed when the job ends); null = the system temp dir. Unused with 1 shard.
     temp_dir: Optional[str] = None
@@ -214,6 +217,8 @@ def validate(job: JobConfig) -> None:
     _require(1 <= d.num_shards <= 65536, "data.num_shards", d.num_shards, "an integer in [1, 65536]")
     _require(d.read_workers >= 0, "data.read_workers", d.read_workers,
              "an integer >= 1 (reader processes), or 0 for auto (one per 4 CPUs, at most 4)")
+    _require(0 <= d.reader_nice <= 19, "data.reader_nice", d.reader_nice,
+             "an integer in [0, 19] (niceness added to the reader processes; 0 = the job's priority)")
     _require(d.temp_dir is None or (bool(d.temp_dir) and "://" not in d.temp_dir), "data.temp_dir", d.temp_dir,
              "null (the system temp dir) or a local directory")
     _require(d.max_seq_len is None or d.max_seq_len >= 3, "data.max_seq_len", d.max_seq_len,

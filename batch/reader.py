@@ -146,12 +146,13 @@ class ShardReader:
     ``take()``) sends them the first shards, once ``shards`` (:class:`ShardFiles`) is written.
 
     ``workers`` reader processes (0 = auto, see :func:`reader_count`) build the next shards while the caller works
-    on the one it took: at most ``workers`` shards are being built or wait to be taken. Errors raised while reading
+    on the one it took: at most ``workers`` shards are being built or wait to be taken. They run ``nice`` steps
+    below the caller's priority, so that on a host whose CPUs are all busy the engine's host work goes first. Errors raised while reading
     (e.g. InputError for a corrupt file) come back from ``take()`` of that shard, unchanged.
     """
 
-    def __init__(self, shards: ShardFiles, builder: SequenceBuilder, workers: int = 1):
-        self._args = (shards, builder)
+    def __init__(self, shards: ShardFiles, builder: SequenceBuilder, workers: int = 1, nice: int = 0):
+        self._args = (shards, builder, nice)
         num_shards = self.num_shards = shards.num_shards
         self.workers = reader_count(workers, num_shards)
         self.threads = max(1, _cpus() // self.workers)  # Polars threads per reader process
@@ -247,9 +248,10 @@ def _env(key: str, value: str) -> Iterator[None]:
 _state: tuple[ShardFiles, SequenceBuilder] | None = None  # the reader process's inputs
 
 
-def _start(parent: int, shards: ShardFiles, builder: SequenceBuilder) -> None:
+def _start(parent: int, shards: ShardFiles, builder: SequenceBuilder, nice: int) -> None:
     global _state
     _state = (shards, builder)
+    os.nice(nice)
     exit_with_parent(parent, shards.remove)  # an orphaned reader removes the killed job's shard files
 
 

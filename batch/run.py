@@ -57,8 +57,9 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
                              f"({stats.counts['rows_read']} read, dropped: {stats.rows_dropped or 'none'})")
     builder = SequenceBuilder(ckpt, schema, cfg.data.max_seq_len)
     with ShardFiles(source, cfg.data.num_shards, cfg.data.temp_dir) as shards, \
-            ShardReader(shards, builder, cfg.data.read_workers) as reader:
-        log.info("%d reader process(es), %d Polars threads each", reader.workers, reader.threads)
+            ShardReader(shards, builder, cfg.data.read_workers, cfg.data.reader_nice) as reader:
+        log.info("%d reader process(es), %d Polars threads each, nice +%d", reader.workers, reader.threads,
+                 cfg.data.reader_nice)
 
         def prepare() -> None:  # count the rows, one more pass (each shard's rows to its files), then read
             with stats.stage("count"):

@@ -27,17 +27,17 @@ WINDOW = (RUN_DATE - dt.timedelta(days=28), RUN_DATE)
 
 
 def reader(events: Path, checkpoint, schema, num_shards: int, workers: int,
-           files: type[ShardFiles] = ShardFiles):
+           files: type[ShardFiles] = ShardFiles, nice: int = 0):
     """Scans now; entering writes the shard files and starts the readers (as the job does)."""
     return _reading(files(scan_events(str(events), schema, window=WINDOW), num_shards),
-                    SequenceBuilder(checkpoint, schema), workers)
+                    SequenceBuilder(checkpoint, schema), workers, nice)
 
 
 @contextmanager
-def _reading(files: ShardFiles, builder: SequenceBuilder, workers: int) -> Iterator[ShardReader]:
+def _reading(files: ShardFiles, builder: SequenceBuilder, workers: int, nice: int) -> Iterator[ShardReader]:
     with files as shards:
         shards.write()
-        with ShardReader(shards, builder, workers) as r:
+        with ShardReader(shards, builder, workers, nice) as r:
             yield r
 
 
@@ -59,6 +59,22 @@ def _user_ids(reading) -> list[list]:
 def test_several_readers_hand_out_shards_in_shard_order(events_dir, checkpoint, schema):
     one, three = (_user_ids(reader(events_dir, checkpoint, schema, 5, w)) for w in (1, 3))
     assert one == three and sum(map(len, one)) > 0
+
+
+def test_readers_run_below_the_jobs_priority(events_dir, checkpoint, schema):
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    with reader(events_dir, checkpoint, schema, 3, 2, nice=5) as r:
+        assert sum(len(r.take().seqs.batch) for _ in range(r.num_shards)) > 0  # both readers have started
+        pids = list(r._pool._processes)
+        assert len(pids) == 2 and {os.getpriority(os.PRIO_PROCESS, p) for p in pids} == {min(19, base + 5)}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the job's own priority is unchanged
+
+
+def test_reader_nice_is_validated(tmp_path, events_dir, tiny_checkpoint):
+    assert config(events_dir, tiny_checkpoint, tmp_path).data.reader_nice == 10
+    for bad in (-1, 20):
+        with pytest.raises(ConfigError, match=rf"data\.reader_nice={bad} is invalid: expected an integer in \[0, 19\]"):
+            config(events_dir, tiny_checkpoint, tmp_path, f"data.reader_nice={bad}")
 
 
 def test_read_workers_is_validated_and_clamped(tmp_path, events_dir, tiny_checkpoint):
