@@ -7,7 +7,7 @@
 3. Runs ``python -m batch.run`` once per entry of ``runs`` (engine overrides; ``job`` applies to all) on the same
    data, sampling GPU utilisation and memory with nvidia-smi, and reads each run's manifest.
 4. Reports per run: users/s and tokens/s (tokens = positions the model processes), model TFLOP/s and MFU
-   (``batch.model.flops``), GPU busy share during the engine phase, peak GPU memory, the time split
+   (``batch.model.flops``), GPU busy and host CPU busy shares during the engine phase, peak GPU memory, the time split
    read / sequences / score / write / engine waiting for data, and the ratio of the ``ratio`` runs; and how far
    each run's recommendations agree with the first run's (``topk_agreement``: a fast engine must also be right).
    Throughput is over the data pipeline: the input scan plus engine ready to last write, which leaves out the
@@ -76,7 +76,7 @@ class BenchConfig:
     run_timeout_s: Optional[int] = None  # a run that takes longer is stopped and recorded as timed out
     profile: list[str] = field(default_factory=list)  # runs made under cProfile instead (vLLM in one process)
     seed: int = 0
-    sample_ms: int = 100  # nvidia-smi sampling period
+    sample_ms: int = 100  # nvidia-smi and host CPU sampling period
     # Start NVIDIA's MPS control daemon for the runs (pipe and log directories under workdir; stopped at the end),
     # so the kernels of an engine pool's processes (engine.instances > 1) share the GPU instead of time-slicing it.
     mps: bool = False
@@ -159,6 +159,43 @@ class GpuSampler:
         self.proc.wait()
 
 
+class CpuSampler:
+    """Share of all host CPUs busy (not idle or waiting for I/O, from /proc/stat), stamped with this clock, every
+    ``ms``: whether the engine's host work had CPUs to run on. None of it where /proc/stat is missing."""
+
+    def __init__(self, ms: int):
+        self.samples: list[tuple[float, float]] = []
+        self.ms = ms
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        if os.path.exists("/proc/stat"):
+            self.thread.start()
+
+    @staticmethod
+    def _times() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all jiffies; idle + iowait
+
+    def _read(self) -> None:
+        total, idle = self._times()
+        while not self._stop.wait(self.ms / 1e3):
+            t, i = self._times()
+            if t > total:
+                self.samples.append((time.time(), 1.0 - (i - idle) / (t - total)))
+            total, idle = t, i
+
+    def mean(self, start: float, end: float) -> float | None:
+        """Mean busy share of the samples taken in [start, end]; None if there are none."""
+        inside = [busy for t, busy in self.samples if start <= t <= end]
+        return float(np.mean(inside)) if inside else None
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+
 def matmul_peak_tflops(n: int = 8192, iters: int = 20) -> float:
     """Measured dense bf16 matrix-product rate of this GPU (random operands, after warm-up)."""
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -205,7 +242,8 @@ def seed_table_ms(preset: str, batch: int = 8, tokens: int = 500, iters: int = 3
 # -- one run of the job --------------------------------------------------------------------------------------------
 
 def run_job(cfg: BenchConfig, name: str, overrides: list[str], events: Path, ckpt: Path, work: Path,
-            sampler: GpuSampler | None, profile: Path | None = None) -> dict[str, Any] | None:
+            sampler: GpuSampler | None, profile: Path | None = None,
+            cpu: CpuSampler | None = None) -> dict[str, Any] | None:
     """Run ``python -m batch.run`` with ``overrides``; returns its manifest plus the bench's own observations,
     or None if it ran past ``cfg.run_timeout_s``. With ``profile``, the job runs under cProfile (vLLM's engine core
     in the same process, so the profile sees it) and writes its stats there."""
@@ -240,8 +278,10 @@ def run_job(cfg: BenchConfig, name: str, overrides: list[str], events: Path, ckp
     manifest_path = out.parent / f"{out.name}_manifests" / f"dt={cfg.run_date}" / "manifest.json"
     m = json.loads(manifest_path.read_text())
     m["bench"] = {"wall_s": t1 - t0, "log": str(logfile)}
+    score = m["timeline"]["score"]
+    if cpu is not None:
+        m["bench"]["cpu_busy"] = cpu.mean(score["start"], score["end"])
     if sampler is not None:
-        score = m["timeline"]["score"]
         busy = sampler.window(score["start"], score["end"])
         job = sampler.window(t0, t1)
         m["bench"].update(gpu_busy=float(busy[:, 1].mean() / 100) if len(busy) else None, gpu_samples=len(busy),
@@ -275,7 +315,7 @@ def summarise(m: dict[str, Any], lengths: np.ndarray, model_cfg: MTGRConfig, pea
     if peak:
         s["mfu"] = s["tflops"] / peak
         s["engine_mfu"] = s["engine_tflops"] / peak
-    for k in ("gpu_busy", "gpu_peak_mem_gib"):
+    for k in ("gpu_busy", "gpu_peak_mem_gib", "cpu_busy"):
         if m["bench"].get(k) is not None:
             s[k] = m["bench"][k]
     return s
@@ -284,7 +324,7 @@ def summarise(m: dict[str, Any], lengths: np.ndarray, model_cfg: MTGRConfig, pea
 UNITS = {"users_per_s": "users/s", "tokens_per_s": "tokens/s", "engine_tokens_per_s": "tokens/s",
          "tokens_per_s_with_partition": "tokens/s",
          "tflops": "TFLOP/s", "engine_tflops": "TFLOP/s", "mfu": "fraction", "engine_mfu": "fraction",
-         "gpu_busy": "fraction", "gpu_peak_mem_gib": "GiB"}
+         "gpu_busy": "fraction", "gpu_peak_mem_gib": "GiB", "cpu_busy": "fraction of host CPUs"}
 
 
 def device_name() -> str:
@@ -378,13 +418,14 @@ def _measure(cfg: BenchConfig, work: Path, ckpt: Path, model_cfg: MTGRConfig, ev
         record("bf16 matmul 8192x8192x8192, random operands", "matmul_peak", peak, "TFLOP/s")
         torch.cuda.empty_cache()
     sampler = GpuSampler(cfg.sample_ms) if torch.cuda.is_available() else None
+    cpu = CpuSampler(cfg.sample_ms)
     summaries = {}
     try:
         runs = cfg.runs or DEFAULT_RUNS
         for name, overrides in runs.items():
             if name in cfg.profile:
                 continue  # profiled below: a profiled run's timings are not representative
-            m = run_job(cfg, name, list(overrides), work / "events", ckpt, work, sampler)
+            m = run_job(cfg, name, list(overrides), work / "events", ckpt, work, sampler, cpu=cpu)
             if m is None:
                 record(f"{shape}; run {name}: {' '.join(overrides)}", "timed_out", float(cfg.run_timeout_s), "s")
                 continue
@@ -400,6 +441,7 @@ def _measure(cfg: BenchConfig, work: Path, ckpt: Path, model_cfg: MTGRConfig, ev
             if name in runs and run_job(cfg, f"{name}-profile", list(runs[name]), work / "events", ckpt, work, None, stats):
                 print_profile(stats, name)
     finally:
+        cpu.close()
         if sampler is not None:
             sampler.close()
     ref = next(iter(summaries), None)
@@ -437,7 +479,8 @@ def topk_agreement(ref: Path, other: Path) -> tuple[float, float]:
 
 
 def print_table(summaries: dict[str, dict[str, Any]], records: list[dict[str, Any]]) -> None:
-    cols = ["users_per_s", "tokens_per_s", "tflops", "mfu", "engine_tokens_per_s", "gpu_busy", "gpu_peak_mem_gib",
+    cols = ["users_per_s", "tokens_per_s", "tflops", "mfu", "engine_tokens_per_s", "gpu_busy", "cpu_busy",
+            "gpu_peak_mem_gib",
             "pipeline_s", "startup_s", "count_s", "partition_s", "read_s", "sequences_s", "score_s", "wait_for_data_s",
             "write_s"]
     print("run".ljust(10) + "".join(c.rjust(max(len(c), 10) + 2) for c in cols))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import polars as pl
 import pytest
 
-from batch.bench import BenchConfig, bench, preset_config
+from batch.bench import BenchConfig, CpuSampler, bench, preset_config
 from batch.model import MTGRConfig
 from batch.model.flops import scoring_flops
 from batch.synth import LogSpec, history_lengths, write_log
@@ -73,6 +74,20 @@ def test_bench_runs_the_job_and_records_every_number(tmp_path):
     assert a.equals(b)
     agree = {r["metric"]: r["value"] for r in records if "against run small" in r["config"]}
     assert agree == {"topk_overlap": 1.0, "topk_same_order": 1.0}
+
+
+def test_cpu_sampler_sees_a_busy_cpu():
+    cpu = CpuSampler(10)
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 0.3:  # one CPU busy (of os.cpu_count())
+            sum(range(1000))
+        t1 = time.time()
+    finally:
+        cpu.close()
+    assert all(0.0 <= busy <= 1.0 for _, busy in cpu.samples)
+    assert cpu.mean(t0, t1) >= 0.5 / os.cpu_count()
+    assert cpu.mean(t1 + 60, t1 + 61) is None  # no samples in that window
 
 
 def test_mps_daemon_starts_and_stops_around_the_runs(tmp_path, monkeypatch):
