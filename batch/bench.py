@@ -279,6 +279,11 @@ def run_job(cfg: BenchConfig, name: str, overrides: list[str], events: Path, ckp
     m = json.loads(manifest_path.read_text())
     m["bench"] = {"wall_s": t1 - t0, "log": str(logfile)}
     score = m["timeline"]["score"]
+    # The run's samples beside its manifest's timeline (Unix seconds), to see what the host and GPU did when.
+    trace = {"gpu": sampler.window(t0, t1).tolist() if sampler else [],
+             "cpu": [x for x in cpu.samples if t0 <= x[0] <= t1] if cpu else [], "timeline": m["timeline"]}
+    (work / "logs" / f"{name}.samples.json").write_text(json.dumps(trace))
+    m["bench"]["samples"] = str(work / "logs" / f"{name}.samples.json")
     if cpu is not None:
         m["bench"]["cpu_busy"] = cpu.mean(score["start"], score["end"])
     if sampler is not None:

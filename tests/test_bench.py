@@ -67,8 +67,10 @@ def test_bench_runs_the_job_and_records_every_number(tmp_path):
     assert any(r["metric"] == "small_over_big_tokens_per_s" and r["value"] > 0 for r in records)
     assert all(set(r) == {"bench", "config", "metric", "value", "unit", "device", "commit", "command", "date"}
                for r in records)
-    for run in ("small", "big"):  # both runs published the same recommendations
+    for run in ("small", "big"):  # both runs published the same recommendations, and left their samples
         assert (tmp_path / "work" / "out" / run / "dt=2026-11-01" / "part-0.parquet").exists()
+        trace = json.loads((tmp_path / "work" / "logs" / f"{run}.samples.json").read_text())
+        assert trace["timeline"]["score"]["end"] > trace["timeline"]["score"]["start"] and trace["gpu"] == []
     a, b = (pl.read_parquet(tmp_path / "work" / "out" / r / "dt=2026-11-01" / "part-0.parquet")
             .sort("user_id", "rank").select("user_id", "item_id") for r in ("small", "big"))
     assert a.equals(b)
