@@ -71,6 +71,16 @@ def failing_start(instance: int) -> Faulty:
     return Faulty()
 
 
+def flaky_start(marks: str, fail_times: int, instance: int, error: type[Exception] = RuntimeError) -> Faulty:
+    """Instance 1 fails to start its first ``fail_times`` times (each try leaves a file in ``marks``)."""
+    if instance == 1:
+        tries = len(os.listdir(marks))
+        open(os.path.join(marks, f"try-{tries}"), "w").close()
+        if tries < fail_times:
+            raise error(f"CUDA out of memory (try {tries})")
+    return Faulty()
+
+
 def batch_of(lengths: list[int], first_tokens: list[int] | None = None, seed: int = 0) -> UserBatch:
     rng = np.random.default_rng(seed)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -149,6 +159,30 @@ def test_a_failed_start_raises_the_error_and_stops_every_instance():
     import multiprocessing
 
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("faulty-")]
+
+
+def test_a_start_that_failed_beside_the_others_is_retried_alone(tmp_path):
+    pool = EnginePool(partial(flaky_start, str(tmp_path), 1), 3, "faulty")
+    try:
+        assert len(os.listdir(tmp_path)) == 2  # failed once, started alone
+        top = pool.score(batch_of([5] * 6, [7] * 6), 2, True)
+        assert (top.items == 7).all()
+    finally:
+        pool.close()
+
+
+def test_a_start_that_fails_alone_too_is_final_and_a_config_error_is_not_retried(tmp_path):
+    with pytest.raises(RuntimeError, match=r"CUDA out of memory \(try 1\)"):
+        EnginePool(partial(flaky_start, str(tmp_path), 2), 3, "faulty")
+    assert len(os.listdir(tmp_path)) == 2
+    import multiprocessing
+
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("faulty-")]
+    once = tmp_path / "config"
+    once.mkdir()
+    with pytest.raises(ConfigError, match=r"\(try 0\)"):
+        EnginePool(partial(flaky_start, str(once), 2, error=ConfigError), 3, "faulty")
+    assert len(os.listdir(once)) == 1
 
 
 POOL_THEN_WAIT = """

@@ -9,6 +9,10 @@ reading results) overlaps the others' GPU work, and no instance idles at the end
 back in user order; each user is scored by exactly one engine, so the output is the same for any number of
 instances or chunks.
 
+Instances start side by side. One that fails to start (not with a ConfigError) is started again alone once the
+others are ready: starting together they race for device memory at their start-up peaks and for free ports (on
+one H100 host, three 12-engine starts in a row failed so). A second failure is final.
+
 The pool knows nothing of vLLM: ``factory(instance)`` builds the engine inside the child process.
 """
 
@@ -49,25 +53,49 @@ class EnginePool:
                              f"{chunk_tokens}")
         self.name = name
         self.chunk_tokens = chunk_tokens
+        self._factory = factory
         self._broken: str | None = None  # set when an instance died: the pool cannot score any more
-        ctx = mp.get_context("spawn")  # a fork would copy the job's threads (Polars, CUDA) into the child
         self._procs: list[mp.process.BaseProcess] = []
         self._conns: list[Connection] = []
         try:
             for i in range(instances):
-                parent_end, child_end = ctx.Pipe()
-                proc = ctx.Process(target=_serve, args=(factory, i, child_end, os.getpid()), name=f"{name}-{i}")
-                proc.start()
-                child_end.close()
-                self._procs.append(proc)
-                self._conns.append(parent_end)
+                self._spawn(i)
             t0 = time.perf_counter()
+            failed = []
             for i in range(instances):
-                self._receive(i)  # "ready", or the error that stopped the engine from starting
+                try:
+                    self._receive(i)  # "ready", or the error that stopped the engine from starting
+                except ConfigError:
+                    raise  # the settings are wrong: every instance would fail alike
+                except Exception as e:  # noqa: BLE001
+                    failed.append(i)
+                    log.warning("%s instance %d failed to start beside the others; it starts again alone once "
+                                "they are ready: %s", name, i, str(e).strip().splitlines()[-1])
+            # Instances starting side by side race for what only one may hold at a time: the device memory of
+            # vLLM's start-up peaks (profiling, warm-up) and the free ports that torch.distributed listens on.
+            # Started again with the others ready and settled, a failure is the instance's own, and final.
+            for i in failed:
+                self._procs[i].join(CLOSE_TIMEOUT_S)
+                self._conns[i].close()
+                self._spawn(i)
+                self._receive(i)
             log.info("%s pool: %d instances ready in %.1fs", name, instances, time.perf_counter() - t0)
         except BaseException:
             self.close()
             raise
+
+    def _spawn(self, i: int) -> None:
+        """Start instance i's process (a fork would copy the job's threads, Polars and CUDA, into the child)."""
+        ctx = mp.get_context("spawn")
+        parent_end, child_end = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(self._factory, i, child_end, os.getpid()), name=f"{self.name}-{i}")
+        proc.start()
+        child_end.close()
+        if i < len(self._procs):
+            self._procs[i], self._conns[i] = proc, parent_end
+        else:
+            self._procs.append(proc)
+            self._conns.append(parent_end)
 
     @property
     def instances(self) -> int:
