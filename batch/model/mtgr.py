@@ -138,9 +138,17 @@ class MixedTypeEmbedding(nn.Module):
         return torch.where((tokens >= lay.action_offset) & (tokens < lay.item_offset), GROUP_ACTION, groups)
 
     @torch.no_grad()
-    def build_table(self) -> None:
-        """Precompute every token's embedding: inference then embeds by a single lookup."""
-        self.table = self.embed_tokens(torch.arange(self.layout.vocab_size, device=self.item.weight.device))
+    def build_table(self, chunk: int = 1 << 16) -> None:
+        """Precompute every token's embedding, ``chunk`` tokens at a time: inference then embeds by a single lookup.
+
+        In one piece, the features and MLP activations of a 1M-item vocabulary held ~8 table-sized tensors at once
+        (8.75 GiB per vLLM engine at DLRMv3-like scale); in chunks, start-up needs the table and little more."""
+        weight = self.item.weight
+        table = torch.empty(self.layout.vocab_size, weight.shape[1], device=weight.device, dtype=weight.dtype)
+        for start in range(0, len(table), chunk):
+            stop = min(len(table), start + chunk)
+            table[start:stop] = self.embed_tokens(torch.arange(start, stop, device=weight.device))
+        self.table = table
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings (T, d_model) and group ids (T,) of flat tokens."""
