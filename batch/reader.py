@@ -147,8 +147,9 @@ class ShardReader:
 
     ``workers`` reader processes (0 = auto, see :func:`reader_count`) build the next shards while the caller works
     on the one it took: at most ``workers`` shards are being built or wait to be taken. They run ``nice`` steps
-    below the caller's priority, so that on a host whose CPUs are all busy the engine's host work goes first. Errors raised while reading
-    (e.g. InputError for a corrupt file) come back from ``take()`` of that shard, unchanged.
+    below the caller's priority, so that on a host whose CPUs are all busy the engine's host work goes first.
+    Errors raised while reading (e.g. InputError for a corrupt file) come back from ``take()`` of that shard,
+    unchanged.
     """
 
     def __init__(self, shards: ShardFiles, builder: SequenceBuilder, workers: int = 1, nice: int = 0):
