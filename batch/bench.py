@@ -485,9 +485,8 @@ def topk_agreement(ref: Path, other: Path) -> tuple[float, float]:
 
 def print_table(summaries: dict[str, dict[str, Any]], records: list[dict[str, Any]]) -> None:
     cols = ["users_per_s", "tokens_per_s", "tflops", "mfu", "engine_tokens_per_s", "gpu_busy", "cpu_busy",
-            "gpu_peak_mem_gib",
-            "pipeline_s", "startup_s", "count_s", "partition_s", "read_s", "sequences_s", "score_s", "wait_for_data_s",
-            "write_s"]
+            "gpu_peak_mem_gib", "pipeline_s", "startup_s", "count_s", "partition_s", "read_s", "sequences_s",
+            "score_s", "wait_for_data_s", "write_s"]
     print("run".ljust(10) + "".join(c.rjust(max(len(c), 10) + 2) for c in cols))
     for name, s in summaries.items():
         cells = [f"{s[c]:,.3f}" if isinstance(s.get(c), float) and abs(s[c]) < 10 else

@@ -20,6 +20,7 @@ pytest.importorskip("vllm")
 
 from batch.config import Device, DType, TorchEngineConfig, VllmEngineConfig  # noqa: E402
 from batch.engines.base import UserBatch  # noqa: E402
+from batch.errors import ConfigError  # noqa: E402
 from batch.engines.torch_engine import TorchEngine  # noqa: E402
 from batch.model import load_checkpoint  # noqa: E402
 
@@ -229,5 +230,9 @@ def test_pool_instances_keep_one_torch_thread_unless_told(monkeypatch):
         assert limit_host_threads() == 1 and torch.get_num_threads() == 1
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         assert limit_host_threads() == 2 and torch.get_num_threads() == 2
+        for bad in ("0", "two"):
+            monkeypatch.setenv("OMP_NUM_THREADS", bad)
+            with pytest.raises(ConfigError, match=rf"OMP_NUM_THREADS='{bad}' is invalid: expected a positive"):
+                limit_host_threads()
     finally:
         torch.set_num_threads(before)

@@ -88,9 +88,12 @@ def limit_host_threads() -> int:
     that their host work (the GPU's only limit in a pool) needs. (On CPU the model itself runs on these threads,
     set by ``cpu_omp_threads_bind``, so this is for GPUs only.)
     """
-    threads = int(os.environ.get("OMP_NUM_THREADS", "") or 1)
-    torch.set_num_threads(threads)
-    return threads
+    value = os.environ.get("OMP_NUM_THREADS", "") or "1"
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"OMP_NUM_THREADS={value!r} is invalid: expected a positive integer (torch CPU threads "
+                          "per vLLM engine), or unset for 1")
+    torch.set_num_threads(int(value))
+    return int(value)
 
 
 def engine_kwargs(cfg: VllmEngineConfig, max_seq_len: int, on_cpu: bool, num_gpus: int) -> dict[str, Any]:
