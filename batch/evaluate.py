@@ -106,6 +106,7 @@ class EvaluateConfig:
 @hydra.main(version_base="1.3", config_path=None, config_name="evaluate")
 def main(cfg: EvaluateConfig) -> None:
     ckpt = load_checkpoint(cfg.checkpoint, cfg.device)
+    ckpt.model.embed.build_table()
     seqs = read_user_sequences(cfg.data_path, ckpt.config, dict(cfg.columns))
     result = evaluate(ckpt.model, ckpt.items, seqs)
     log.info("evaluated %s on %d users", ckpt.identity, result["users"])

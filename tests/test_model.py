@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -161,6 +162,21 @@ def test_checkpoint_roundtrip_gives_identical_scores(tmp_path):
     assert config["model_type"] == "mtgr" and config["architectures"] == ["MTGRForItemScoring"]
     assert config["vocab_size"] == lay.vocab_size and config["format_version"] == 1
     assert ckpt.items.lookup([1000, 5])[0] == lay.item_offset
+
+
+def test_checkpoint_loads_every_tensor_from_its_file_in_the_models_dtype_and_leaves_the_table_to_engines(tmp_path):
+    model = make_checkpoint(str(tmp_path / "ck"))
+    save_checkpoint(str(tmp_path / "bf16"), copy.deepcopy(model).to(torch.bfloat16),
+                    load_checkpoint(str(tmp_path / "ck")).items)
+    for name, expected in (("ck", model), ("bf16", copy.deepcopy(model).to(torch.bfloat16).float())):
+        loaded = load_checkpoint(str(tmp_path / name)).model
+        assert loaded.embed.table is None and not loaded.training
+        want = dict([*expected.named_parameters(), *expected.named_buffers()])
+        got = dict([*loaded.named_parameters(), *loaded.named_buffers()])
+        assert got.keys() == want.keys()  # the non-persistent buffers (relative-position buckets) too
+        for key, tensor in got.items():
+            assert tensor.device.type == "cpu" and tensor.dtype == want[key].dtype, key
+            torch.testing.assert_close(tensor, want[key], rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.parametrize("breakage, message", [

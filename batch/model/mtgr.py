@@ -46,7 +46,7 @@ def relative_buckets(max_distance: int, num_buckets: int) -> torch.Tensor:
     """Bucket of each distance 0..max_distance: exact below num_buckets // 2, log-spaced up to max_distance
     (the last bucket). Longer distances share the last bucket, so bias tables stop at max_distance."""
     exact = num_buckets // 2
-    d = torch.arange(max_distance + 1, dtype=torch.float64)
+    d = torch.arange(max_distance + 1, dtype=torch.float64, device="cpu")  # real values in a meta-built model
     log_part = exact + torch.floor(torch.log(d.clamp(min=exact) / exact) / math.log(max_distance / exact)
                                    * (num_buckets - 1 - exact))
     return torch.where(d < exact, d, log_part).clamp(max=num_buckets - 1).long()
