@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import pickle
 import signal
 import time
 from contextlib import contextmanager
@@ -106,6 +107,64 @@ def test_each_reader_gets_its_share_of_polars_threads(events_dir, checkpoint, sc
         seen = [r._pool.submit(_threads).result() for _ in range(2 * workers)]
         [r.take() for _ in range(4)]
     assert {threads for _, threads in seen} == {share} and os.environ.get("POLARS_MAX_THREADS") == budget
+
+
+def _after_go(go: Path) -> Path:
+    deadline = time.monotonic() + 30
+    while not go.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("a reader unpickled its inputs before the test said go")
+        time.sleep(0.05)
+    return go
+
+
+class _Gate:
+    """Unpickles only once the file ``go`` exists."""
+
+    def __init__(self, go: Path):
+        self.go = go
+
+    def __reduce__(self):
+        return _after_go, (self.go,)
+
+
+class WaitsForGo(SequenceBuilder):
+    """A builder whose unpickling stops at a gate, before 1 MiB of ballast: far beyond a pipe's buffer, as a
+    1M-item vocabulary is."""
+
+    def __init__(self, *args, go: Path):
+        super().__init__(*args)
+        self.gate, self.ballast = _Gate(go), bytes(1 << 20)
+
+
+def test_starting_the_readers_does_not_wait_for_them_to_take_their_inputs(tmp_path, events_dir, checkpoint, schema):
+    """Entering returns before any reader has its inputs; sent with each process, they made the caller wait for
+    each reader in turn to import the job's modules (10-13 s of every job's start on an H100 host)."""
+    def waited(*_) -> None:
+        raise TimeoutError("entering the readers waited for a reader to unpickle its inputs")
+
+    go = tmp_path / "go"
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(15)  # the readers give up after 30 s; a test that hangs until then tells less
+    try:
+        with ShardFiles(scan_events(str(events_dir), schema, window=WINDOW), 3) as shards:
+            shards.write()
+            with ShardReader(shards, WaitsForGo(checkpoint, schema, go=go), 2) as r:
+                signal.alarm(0)
+                go.touch()  # only now can a reader unpickle its inputs
+                assert sum(len(r.take().seqs.batch) for _ in range(3)) > 0
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_inputs_that_cannot_be_pickled_fail_on_entering_not_in_the_readers(events_dir, checkpoint, schema):
+    builder = SequenceBuilder(checkpoint, schema)
+    builder.encode = lambda rows: rows  # a lambda does not pickle
+    with ShardFiles(scan_events(str(events_dir), schema, window=WINDOW), 2) as shards:
+        with pytest.raises((AttributeError, pickle.PicklingError), match="lambda"):
+            with ShardReader(shards, builder, 2):
+                pass
 
 
 class FailsOnShard2(ShardFiles):
