@@ -52,8 +52,9 @@ class RunStats:
 
     def add_rows(self, row_counts: dict[str, Any]) -> None:
         """Counts from :func:`batch.events.count_rows`."""
-        self.rows_dropped = dict(row_counts["rows_dropped"])
-        self.counts.update({k: v for k, v in row_counts.items() if isinstance(v, int)})
+        with self._lock:
+            self.rows_dropped = dict(row_counts["rows_dropped"])
+            self.counts.update({k: v for k, v in row_counts.items() if isinstance(v, int)})
 
     def add_shard(self, seqs: ShardSequences, rows_out: int) -> None:
         with self._lock:

@@ -120,6 +120,8 @@ def test_manifest_times_each_stage_and_its_span(tmp_path, events_dir, tiny_check
     assert all(s["start"] <= s["end"] for s in spans.values())
     assert spans["read"]["start"] <= spans["score"]["start"] <= spans["write"]["start"]
     assert spans["score"]["end"] <= spans["write"]["end"]
+    # The rows are counted after the partitioning pass, so the readers (and the first shard) never wait for it.
+    assert spans["partition"]["end"] <= spans["count"]["start"] and m["input"]["rows_read"] > 0
 
 
 def test_string_user_ids_and_nested_output(tmp_path, events_frame, events_dir, tiny_checkpoint):
