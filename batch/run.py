@@ -73,7 +73,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
 
         # While the engine starts, the input is partitioned and the first shards are built; the rows are counted
         # after the pass, while the readers build, so the first shard does not wait for the count (the readers
-        # left most CPUs idle then: ~20% busy on a 16-core H100 host). Polars runs on its own threads and the
+        # left most CPUs idle then: 17% busy on a 16-core H100 host). Polars runs on its own threads and the
         # readers in their own processes, so neither waits for the other.
         prep = ThreadPoolExecutor(1, thread_name_prefix="mtgr-prepare")
         preparing = prep.submit(prepare)
