@@ -141,9 +141,9 @@ class MixedTypeEmbedding(nn.Module):
     def build_table(self, chunk: int = 1 << 16) -> None:
         """Precompute every token's embedding, ``chunk`` tokens at a time: inference then embeds by a single lookup.
 
-        In one piece, the features and MLP activations of the whole vocabulary peaked at 5.1 tables' worth (4.9 GiB
-        for DLRMv3-like's 1M items in bf16; bench/table_memory.py, CPU), in every engine at start-up; in chunks of
-        65,536 tokens, 1.3 tables: the table itself and one chunk's work."""
+        In one piece, the features and MLP activations of the whole vocabulary peaked at 6.1 tables' worth (5.9 GiB
+        for DLRMv3-like's 1M items in bf16 on an H100; bench/table_memory.py), in every engine at start-up; in
+        chunks of 65,536 tokens, 1.4 tables: the table itself and one chunk's work."""
         weight = self.item.weight
         table = torch.empty(self.layout.vocab_size, weight.shape[1], device=weight.device, dtype=weight.dtype)
         for start in range(0, len(table), chunk):
