@@ -133,3 +133,28 @@ def test_topk_agreement_between_two_outputs(tmp_path):
     assert overlap == pytest.approx((1 + 1 + 1 + 0) / 4)
     assert same == pytest.approx(1 / 4)
     assert topk_agreement(ref, ref) == (1.0, 1.0)
+
+
+def test_pool_timeline_reads_the_instances_chunks_and_the_gpu_samples(tmp_path):
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("pool_timeline", REPO / "bench" / "pool_timeline.py")
+    timeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timeline)
+    t0 = 1796659200.0  # 2026-12-01 12:00:00 UTC
+    stamp = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + f",{round(t % 1 * 1000):03d}"  # noqa: E731
+    line = "{} INFO [instance {}] batch.engines.vllm: vllm: {} users, 900 tokens: prompts 0.50s, generate 4.00s, " \
+           "results 0.50s"
+    log = tmp_path / "run.log"  # instance 0 busy for the whole window, instance 1 idle from 5 to 6 s
+    log.write_text("\n".join([line.format(stamp(t0 + 5), 0, 10), line.format(stamp(t0 + 10), 0, 20),
+                              line.format(stamp(t0 + 5), 1, 30), line.format(stamp(t0 + 11), 1, 40),
+                              "2026-12-01 12:00:01,000 INFO batch.run: something else"]))
+    gpu = [[t0 + t / 10, 50.0 if t < 10 else 100.0, 0.0] for t in range(100)]
+    samples = {"gpu": gpu, "timeline": {"score": {"start": t0, "end": t0 + 10}}}
+    found = timeline.summarise(timeline.read_chunks(log), samples)
+    assert found["chunks"] == 4 and found["users_per_chunk"] == 25
+    assert found["instance_idle_share"] == pytest.approx(0.05)
+    assert found["instance_idle_share_max"] == pytest.approx(0.1)
+    assert found["gpu_busy_first_second"] == pytest.approx(0.5, abs=0.06) and found["gpu_busy"] == pytest.approx(0.95)
