@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from functools import cached_property
+from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import FORMAT_VERSION, MODEL_TYPE, MTGRConfig
@@ -27,21 +27,13 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message names the problem."""
 
 
+@dataclass
 class Checkpoint:
-    """A checkpoint directory opened for inference: its config, item vocabulary and content hash.
-
-    The weights load on the first use of :attr:`model`. A vLLM job's main process never uses them (its engine
-    instances load their own), so it does not hold the model's memory (2 GB at 1M items in float32).
-    """
-
-    def __init__(self, path: str, config: MTGRConfig, items: ItemVocab, content_hash: str,
-                 device: str | torch.device = "cpu"):
-        self.path, self.config, self.items, self.content_hash, self.device = path, config, items, content_hash, device
-
-    @cached_property
-    def model(self) -> MTGR:
-        """The model in eval mode on the checkpoint's device, loaded from the weights file on first use."""
-        return load_model(self.path, self.config).to(self.device).eval()
+    model: MTGR
+    config: MTGRConfig
+    items: ItemVocab
+    path: str
+    content_hash: str
 
     @property
     def model_version(self) -> str:
@@ -54,7 +46,7 @@ class Checkpoint:
 
     @property
     def layout(self) -> TokenLayout:
-        return TokenLayout(self.config)
+        return self.model.embed.layout
 
 
 def content_hash(path: str) -> str:
@@ -105,56 +97,39 @@ def read_config(path: str) -> MTGRConfig:
 
 
 def load_checkpoint(path: str, device: str | torch.device = "cpu") -> Checkpoint:
-    """Open a checkpoint directory for inference; the weights load on first use of ``.model``.
+    """Load a checkpoint directory for inference (eval mode).
 
-    Every file is checked now: config.json, the weights file's tensor names and shapes against it (from the file's
-    header, without reading the tensors), and the item vocabulary. The model is built without random
-    initialisation (its tensors are the file's), and its embedding table is not built: an engine builds it on the
-    device and in the dtype it runs in (``model.embed.build_table()``). On an H100 host the load took 14-17 s of
-    every job's start for DLRMv3-like's 1M items, most of it that initialisation and a CPU table that the engines
-    built again anyway (6.3 s without them)."""
+    The model is built without random initialisation (its tensors are the file's), and its embedding table is
+    not built: an engine builds it on the device and in the dtype it runs in (``model.embed.build_table()``).
+    On an H100 host the load took 14-17 s of every job's start for DLRMv3-like's 1M items, most of it that
+    initialisation and a CPU table that the engines built again anyway (6.3 s without them)."""
     path = os.path.abspath(path)
     cfg = read_config(path)
-    expected = _meta_model(cfg).state_dict()
+    with torch.device("meta"):  # shapes and dtypes only; the weights are assigned from the file below
+        model = MTGR(cfg)
     try:
-        with safe_open(os.path.join(path, WEIGHTS_FILE), framework="pt") as f:
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        tensors = load_file(os.path.join(path, WEIGHTS_FILE))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"checkpoint {path!r}: cannot read {WEIGHTS_FILE}: {e}") from e
-    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path!r}: {WEIGHTS_FILE} does not match config.json "
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    for name, shape in shapes.items():
-        if shape != tuple(expected[name].shape):
-            raise CheckpointError(f"checkpoint {path!r}: tensor {name} has shape {shape}, "
+    for name, t in tensors.items():
+        if t.shape != expected[name].shape:
+            raise CheckpointError(f"checkpoint {path!r}: tensor {name} has shape {tuple(t.shape)}, "
                                   f"config.json implies {tuple(expected[name].shape)}")
+    model.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()}, assign=True)
+    unset = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unset:  # a tensor that is neither in the file nor made on the CPU by the model's constructor
+        raise RuntimeError(f"MTGR tensors {unset[:5]} were not loaded")
     try:
-        items = ItemVocab.load(os.path.join(path, ITEMS_FILE), TokenLayout(cfg).item_offset)
+        items = ItemVocab.load(os.path.join(path, ITEMS_FILE), model.embed.layout.item_offset)
     except Exception as e:  # pyarrow raises several types for unreadable files
         raise CheckpointError(f"checkpoint {path!r}: cannot read {ITEMS_FILE}: {e}") from e
     if len(items) != cfg.num_items:
         raise CheckpointError(f"checkpoint {path!r}: {ITEMS_FILE} has {len(items)} items, "
                               f"config.json says num_items={cfg.num_items}")
-    return Checkpoint(path, cfg, items, content_hash(path), device)
-
-
-def load_model(path: str, cfg: MTGRConfig) -> MTGR:
-    """The MTGR of checkpoint directory ``path`` (checked by :func:`load_checkpoint`) on the CPU, its tensors the
-    file's, cast to the model's dtypes."""
-    model = _meta_model(cfg)
-    expected = model.state_dict()
-    try:
-        tensors = load_file(os.path.join(path, WEIGHTS_FILE))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"checkpoint {path!r}: cannot read {WEIGHTS_FILE}: {e}") from e
-    model.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()}, assign=True)
-    unset = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if unset:  # a tensor that is neither in the file nor made on the CPU by the model's constructor
-        raise RuntimeError(f"MTGR tensors {unset[:5]} were not loaded")
-    return model
-
-
-def _meta_model(cfg: MTGRConfig) -> MTGR:
-    with torch.device("meta"):  # shapes and dtypes only; the weights are assigned from the file
-        return MTGR(cfg)
+    model.to(device).eval()
+    return Checkpoint(model, cfg, items, path, content_hash(path))
