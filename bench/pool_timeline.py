@@ -17,6 +17,7 @@ import argparse
 import datetime as dt
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def main() -> None:
         plot(chunks, samples)
     found = summarise(chunks, samples)
     units = {"chunks": "chunks", "users_per_chunk": "users"}
-    command = "python bench/pool_timeline.py " + " ".join(sys.argv[1:])
+    command = shlex.join(["python", "bench/pool_timeline.py", *sys.argv[1:]])
     lines = []
     for metric, value in found.items():
         print(f"{metric:>26s}: {value:8.3f}")
