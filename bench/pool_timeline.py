@@ -5,9 +5,11 @@
 
 Reads the pool instances' log lines (``vllm: N users, T tokens: prompts .., generate .., results ..``, stamped with
 the time they were written) and the run's GPU samples (``batch.bench`` writes both), and reports over the manifest's
-scoring window: chunks and users per chunk, the share of the window an instance spends outside a chunk (waiting for
-the others at a shard's end, or for the job to hand it the next shard), GPU busy over the whole window and over its
-first second (the first shard's start, when every instance starts at once). ``--plot`` prints the window in 0.1 s
+scoring window: chunks and users per chunk; the share of the window an instance spends outside a chunk, split into
+turnarounds (the pool reading an answer and sending the next chunk) and shard ends (waiting for the others to finish
+the shard, and for the job to hand over the next one); the median turnaround; each shard end's tail (from the first
+instance done to the last); GPU busy over the whole window and over its first second (the first shard's start,
+when every instance starts at once). ``--plot`` prints the window in 0.1 s
 steps: instances inside ``generate`` against GPU busy. Numbers are printed and appended to ``--results``.
 """
 
@@ -43,21 +45,55 @@ def read_chunks(log: Path) -> np.ndarray:
     return np.array(rows)
 
 
-def summarise(chunks: np.ndarray, samples: dict) -> dict[str, float]:
+def shard_ends(chunks: np.ndarray, shards: int) -> list[tuple[float, float]]:
+    """(last chunk's end, next chunk's start) at each of the ``shards - 1`` hand-overs between shards, and (the
+    last end, inf). A hand-over is where the fewest instances held a chunk: the chunks' running end comes closest to
+    (or passes) the next chunk's start; within a shard, other instances hold chunks of ~50-200 ms. Chunk starts are
+    reconstructed from the logged durations (to 10 ms before step 22, to 1 ms since), so a hand-over may show as an
+    overlap of a few ms."""
+    spans = sorted(zip(chunks[:, 1], chunks[:, 4]))
+    reach = np.maximum.accumulate([b for _, b in spans])
+    breaks = [(spans[j + 1][0] - reach[j], reach[j], spans[j + 1][0]) for j in range(len(spans) - 1)]
+    chosen = sorted(sorted(breaks, reverse=True)[:shards - 1], key=lambda x: x[1])
+    return [*((last, first) for _, last, first in chosen), (float(reach[-1]), np.inf)]
+
+
+def summarise(chunks: np.ndarray, samples: dict, shards: int, tolerance: float = 0.02) -> dict[str, float]:
+    """The run's figures over its scoring window (see the module's docstring)."""
     start, end = samples["timeline"]["score"]["start"], samples["timeline"]["score"]["end"]
     inside = chunks[(chunks[:, 4] > start) & (chunks[:, 1] < end)]
-    span = end - start
-    idle = []
-    for i in np.unique(inside[:, 0]):
+    instances = np.unique(inside[:, 0])
+    span, n = end - start, len(instances)
+    ends = shard_ends(inside, shards)
+    idle, turnarounds, at_ends, tails = [], [], 0.0, []
+    for i in instances:
         mine = inside[inside[:, 0] == i]
+        mine = mine[np.argsort(mine[:, 1])]
         busy = np.clip(mine[:, 4], start, end) - np.clip(mine[:, 1], start, end)
         idle.append(1 - busy.sum() / span)
+        at_ends += max(0.0, mine[0, 1] - start) + max(0.0, end - mine[-1, 4])
+        for done, nxt in zip(mine[:-1, 4], mine[1:, 1]):  # between an answer and the next chunk's start
+            if any(done <= last + tolerance and nxt >= first - tolerance for last, first in ends):
+                at_ends += max(0.0, nxt - done)  # waiting for the others to finish the shard, and for the next
+            else:
+                turnarounds.append(nxt - done)  # the pool reading the answer and sending the next chunk
+    previous = start
+    for last, first in ends:  # each shard's end: from the first instance done to the last one
+        done = [inside[(inside[:, 0] == i) & (inside[:, 4] > previous) & (inside[:, 4] <= last + tolerance), 4]
+                for i in instances]
+        tails.append(last - min(d.max() for d in done if len(d)))
+        previous = first - tolerance
     gpu = np.array(samples["gpu"])
     window = gpu[(gpu[:, 0] >= start) & (gpu[:, 0] <= end)]
-    first = window[window[:, 0] <= start + 1.0]
+    first_second = window[window[:, 0] <= start + 1.0]
     return {"chunks": float(len(inside)), "users_per_chunk": float(inside[:, 5].mean()),
             "instance_idle_share": float(np.mean(idle)), "instance_idle_share_max": float(np.max(idle)),
-            "gpu_busy": float(window[:, 1].mean() / 100), "gpu_busy_first_second": float(first[:, 1].mean() / 100)}
+            "idle_share_turnarounds": float(np.sum(turnarounds) / (n * span)),
+            "idle_share_shard_ends": float(at_ends / (n * span)),
+            "turnaround_ms_median": float(np.median(turnarounds) * 1000) if turnarounds else 0.0,
+            "shard_end_tail_ms_mean": float(np.mean(tails) * 1000),
+            "gpu_busy": float(window[:, 1].mean() / 100),
+            "gpu_busy_first_second": float(first_second[:, 1].mean() / 100)}
 
 
 def plot(chunks: np.ndarray, samples: dict) -> None:
@@ -77,13 +113,15 @@ def main() -> None:
     ap.add_argument("--commit", required=True, help="the run's commit (results line)")
     ap.add_argument("--config", default="", help="what ran (results line), e.g. 'DLRMv3-like 60k, vLLM 12 x 64'")
     ap.add_argument("--results", default="bench/results.jsonl", help="append here; '' = print only")
+    ap.add_argument("--shards", type=int, default=8, help="the run's data.num_shards")
     ap.add_argument("--plot", action="store_true")
     a = ap.parse_args()
     chunks, samples = read_chunks(a.log), json.loads(a.samples.read_text())
     if a.plot:
         plot(chunks, samples)
-    found = summarise(chunks, samples)
-    units = {"chunks": "chunks", "users_per_chunk": "users"}
+    found = summarise(chunks, samples, a.shards)
+    units = {"chunks": "chunks", "users_per_chunk": "users", "turnaround_ms_median": "ms",
+             "shard_end_tail_ms_mean": "ms"}
     command = shlex.join(["python", "bench/pool_timeline.py", *sys.argv[1:]])
     lines = []
     for metric, value in found.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 import os
 import time
 
@@ -135,7 +136,7 @@ def test_topk_agreement_between_two_outputs(tmp_path):
     assert topk_agreement(ref, ref) == (1.0, 1.0)
 
 
-def test_pool_timeline_reads_the_instances_chunks_and_the_gpu_samples(tmp_path):
+def test_pool_timeline_splits_the_instances_idle_time_and_finds_the_shard_ends(tmp_path):
     import importlib.util
 
     from conftest import REPO
@@ -144,17 +145,28 @@ def test_pool_timeline_reads_the_instances_chunks_and_the_gpu_samples(tmp_path):
     timeline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(timeline)
     t0 = 1796659200.0  # 2026-12-01 12:00:00 UTC
-    stamp = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + f",{round(t % 1 * 1000):03d}"  # noqa: E731
-    line = "{} INFO [instance {}] batch.engines.vllm: vllm: {} users, 900 tokens: prompts 0.50s, generate 4.00s, " \
-           "results 0.50s"
-    log = tmp_path / "run.log"  # instance 0 busy for the whole window, instance 1 idle from 5 to 6 s
-    log.write_text("\n".join([line.format(stamp(t0 + 5), 0, 10), line.format(stamp(t0 + 10), 0, 20),
-                              line.format(stamp(t0 + 5), 1, 30), line.format(stamp(t0 + 11), 1, 40),
-                              "2026-12-01 12:00:01,000 INFO batch.run: something else"]))
+
+    def log_of(chunks: list[tuple[int, float, float]]) -> np.ndarray:
+        lines = []
+        for instance, start, end in chunks:  # prompts and results take 0.1 s of each chunk
+            t = t0 + end
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + f",{round(t % 1 * 1000):03d}"
+            lines.append(f"{stamp} INFO [instance {instance}] batch.engines.vllm: vllm: 10 users, 900 tokens: prompts "
+                         f"0.10s, generate {end - start - 0.2:.2f}s, results 0.10s")
+        (tmp_path / "run.log").write_text("\n".join([*lines, "2026-12-01 12:00:01,000 INFO batch.run: other"]))
+        return timeline.read_chunks(tmp_path / "run.log")
+
     gpu = [[t0 + t / 10, 50.0 if t < 10 else 100.0, 0.0] for t in range(100)]
     samples = {"gpu": gpu, "timeline": {"score": {"start": t0, "end": t0 + 10}}}
-    found = timeline.summarise(timeline.read_chunks(log), samples)
-    assert found["chunks"] == 4 and found["users_per_chunk"] == 25
-    assert found["instance_idle_share"] == pytest.approx(0.05)
-    assert found["instance_idle_share_max"] == pytest.approx(0.1)
-    assert found["gpu_busy_first_second"] == pytest.approx(0.5, abs=0.06) and found["gpu_busy"] == pytest.approx(0.95)
+    # One shard: instance 1 waits a second for its second chunk (a turnaround), then ends a second after instance 0.
+    found = timeline.summarise(log_of([(0, 0, 5), (0, 5, 10), (1, 0, 5), (1, 6, 11)]), samples, shards=1)
+    assert found["chunks"] == 4 and found["users_per_chunk"] == 10
+    near = partial(pytest.approx, abs=1e-3)  # times are Unix seconds logged to the millisecond
+    assert found["instance_idle_share"] == near(0.05) and found["instance_idle_share_max"] == near(0.1)
+    assert found["idle_share_turnarounds"] == near(0.05) and found["idle_share_shard_ends"] == near(0)
+    assert found["turnaround_ms_median"] == near(500) and found["shard_end_tail_ms_mean"] == near(1000)
+    assert found["gpu_busy_first_second"] == pytest.approx(0.5, abs=0.06) and found["gpu_busy"] == near(0.95)
+    # Two shards handed over at 4-5 s: every wait is at a shard's end, none is a turnaround.
+    found = timeline.summarise(log_of([(0, 0, 4), (0, 5, 9), (1, 0, 3.5), (1, 5, 8)]), samples, shards=2)
+    assert found["idle_share_shard_ends"] == near(5.5 / 20) and found["idle_share_turnarounds"] == near(0)
+    assert found["shard_end_tail_ms_mean"] == near(750)

@@ -186,7 +186,7 @@ class VllmEngine:
             ranked = sorted(out.outputs[0].logprobs[0].items(), key=lambda t: (-t[1].logprob, t[0]))[:k]
             items[b, :len(ranked)] = [tok - self.item_offset for tok, _ in ranked]
             scores[b, :len(ranked)] = [lp.logprob for _, lp in ranked]
-        log.info("vllm: %d users, %d tokens: prompts %.2fs, generate %.2fs, results %.2fs", len(batch),
+        log.info("vllm: %d users, %d tokens: prompts %.3fs, generate %.3fs, results %.3fs", len(batch),
                  len(tokens), t1 - t0, t2 - t1, time.perf_counter() - t2)
         items[~np.isfinite(scores)] = -1  # fewer than k eligible items: leave the slot empty
         scores[items < 0] = -np.inf
