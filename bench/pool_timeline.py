@@ -9,8 +9,8 @@ scoring window: chunks and users per chunk; the share of the window an instance 
 turnarounds (the pool reading an answer and sending the next chunk) and shard ends (waiting for the others to finish
 the shard, and for the job to hand over the next one); the median turnaround; each shard end's tail (from the first
 instance done to the last); GPU busy over the whole window and over its first second (the first shard's start,
-when every instance starts at once). ``--plot`` prints the window in 0.1 s
-steps: instances inside ``generate`` against GPU busy. Numbers are printed and appended to ``--results``.
+when every instance starts at once). ``--plot`` prints the window in 0.1 s steps: instances inside ``generate``
+against GPU busy. Numbers are printed and appended to ``--results``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ LINE = re.compile(r"^(\S+ \S+),(\d+) INFO \[instance (\d+)\] .*vllm: (\d+) users
 
 
 def read_chunks(log: Path) -> np.ndarray:
-    """(instance, start, generate start, end, users) per chunk, Unix seconds; the log's times are UTC."""
+    """(instance, start, generate start, generate end, end, users) per chunk, in Unix seconds (the log's times
+    are UTC)."""
     rows = []
     for line in log.read_text(errors="replace").splitlines():
         m = LINE.match(line)

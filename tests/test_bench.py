@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from functools import partial
 import os
 import time
+from functools import partial
 
 import numpy as np
 import polars as pl
