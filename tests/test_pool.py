@@ -19,7 +19,7 @@ import pytest
 
 from batch.config import Device, DType, TorchEngineConfig
 from batch.engines.base import TopK, UserBatch
-from batch.engines.pool import EngineFailed, EnginePool, split_by_tokens
+from batch.engines.pool import EngineFailed, EnginePool, plan_chunks
 from batch.engines.torch_engine import TorchEngine
 from batch.errors import ConfigError
 from batch.model import load_checkpoint
@@ -33,21 +33,20 @@ def torch_engine(path: str, instance: int) -> TorchEngine:
 
 
 class Faulty:
-    """Fails as told by the batch's first token: 1 raises ValueError, 2 raises an unpicklable error, 3 exits,
-    4 answers and exits right after."""
+    """Answers each user's first token as its items; fails as told by the users' first tokens: 1 raises
+    ValueError, 2 raises an unpicklable error, 3 exits, 4 answers and exits right after."""
 
     def score(self, batch: UserBatch, top_k: int, exclude_seen: bool) -> TopK:
-        kind = int(batch.tokens[0])
-        if kind == 1:
+        first = batch.tokens[batch.offsets[:-1]]
+        if 1 in first:
             raise ValueError("bad batch")
-        if kind == 2:
+        if 2 in first:
             raise Unpicklable(lambda: None)
-        if kind == 3:
+        if 3 in first:
             os._exit(3)
-        if kind == 4:
+        if 4 in first:
             threading.Timer(0.2, os._exit, args=(4,)).start()
-        return TopK(np.full((len(batch), top_k), instance_token(batch), dtype=np.int64),
-                    np.zeros((len(batch), top_k), dtype=np.float32))
+        return TopK(np.repeat(first[:, None], top_k, axis=1), np.zeros((len(batch), top_k), dtype=np.float32))
 
     def close(self) -> None:
         pass
@@ -55,10 +54,6 @@ class Faulty:
 
 class Unpicklable(Exception):
     pass
-
-
-def instance_token(batch: UserBatch) -> int:
-    return int(batch.tokens[0])
 
 
 def faulty_engine(instance: int) -> Faulty:
@@ -90,17 +85,27 @@ def batch_of(lengths: list[int], first_tokens: list[int] | None = None, seed: in
     return UserBatch(pa.array(np.arange(len(lengths))), tokens, offsets)
 
 
-def test_split_by_tokens_covers_all_users_in_order_with_balanced_tokens():
-    lengths = np.random.default_rng(1).integers(1, 200, size=1000)
+def test_chunk_plan_covers_all_users_in_order_growing_then_shrinking():
+    lengths = np.random.default_rng(1).integers(1, 200, size=5000)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    parts = split_by_tokens(offsets, 4)
-    assert parts[0][0] == 0 and parts[-1][1] == 1000
-    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
-    tokens = [offsets[b] - offsets[a] for a, b in parts]
-    assert max(tokens) - min(tokens) <= 2 * lengths.max()
-    few = split_by_tokens(np.array([0, 5, 9]), 4)  # more parts than users: some are empty
-    assert len(few) == 4 and few[0][0] == 0 and few[-1][1] == 2 and all(a[1] == b[0] for a, b in zip(few, few[1:]))
-    assert split_by_tokens(np.array([0]), 3) == [(0, 0)] * 3
+    n, unit = 4, 20_000
+    plan = plan_chunks(offsets, n, unit)
+    assert plan[0][0] == 0 and plan[-1][1] == len(lengths)
+    assert all(a < b == c for (a, b), (c, _) in zip(plan, plan[1:]))  # contiguous, none empty
+    tokens = np.array([offsets[b] - offsets[a] for a, b in plan])
+    assert (np.diff(tokens[:n]) > 0).all()  # the first chunks grow: staggered starts
+    assert abs(tokens[0] - unit / n) <= lengths.max() and abs(tokens[n - 1] - unit) <= lengths.max()
+    assert tokens.max() <= unit + lengths.max()
+    assert (tokens[-2 * n:-1] <= unit / 4 + lengths.max()).all()  # the tail is quarter chunks
+    assert len(plan) > len(lengths) * lengths.mean() / unit  # and there are more of them than whole units
+
+
+def test_chunk_plan_of_small_batches_spreads_users_over_the_instances():
+    assert plan_chunks(np.array([0]), 3, 100) == []
+    assert plan_chunks(np.array([0, 5, 10]), 2, 1 << 18) == [(0, 1), (1, 2)]
+    plan = plan_chunks(np.arange(0, 101, 5), 4, 1 << 18)  # 20 users of 5 tokens: unit = 25 tokens
+    assert plan[0] == (0, 2) and plan[-1][1] == 20 and len(plan) >= 4
+    assert plan_chunks(np.array([0, 0, 0]), 2, 100) == [(0, 1), (1, 2)]  # no tokens: one user per chunk
 
 
 def test_pool_gives_the_single_engines_results(tiny_checkpoint):
@@ -124,10 +129,10 @@ def test_pool_gives_the_single_engines_results(tiny_checkpoint):
 
 
 def test_errors_come_back_from_the_instance_that_raised_them():
-    pool = EnginePool(faulty_engine, 2, "faulty")  # 2 chunks per batch here: one per instance
+    pool = EnginePool(faulty_engine, 2, "faulty")
     try:
         ok = pool.score(batch_of([5, 5, 5, 5], [7, 7, 8, 8]), 2, True)
-        assert ok.items[:, 0].tolist() == [7, 7, 8, 8]  # two users per instance, in order
+        assert ok.items[:, 0].tolist() == [7, 7, 8, 8]  # each user its own answer, in order, across chunks
         with pytest.raises(ValueError, match="bad batch"):
             pool.score(batch_of([5, 5, 5, 5], [7, 7, 1, 1]), 2, True)
         with pytest.raises(RuntimeError, match="Unpicklable"):  # sent back as text, the instance serves on

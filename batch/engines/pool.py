@@ -3,11 +3,11 @@
 vLLM spends about 1 ms of host time per request in ``LLM.generate`` while its GPU work per user is a fifth of
 that (bench/RESULTS.md, issue 6), so one vLLM engine leaves the GPU idle most of the time. A pool runs
 ``instances`` engines side by side, on one GPU, each in a spawned process with its own Python interpreter. A batch
-is cut into contiguous chunks of about ``chunk_tokens`` tokens (a multiple of ``instances`` of them), and an
-instance that finishes a chunk takes the next one: the instances drift apart, so one's host work (adding requests,
-reading results) overlaps the others' GPU work, and no instance idles at the end of a batch for long. Results come
-back in user order; each user is scored by exactly one engine, so the output is the same for any number of
-instances or chunks.
+is cut into contiguous chunks of users (:func:`plan_chunks`), and an instance that finishes a chunk takes the next
+one, so one's host work (adding requests, reading results) overlaps the others' GPU work. The first chunks grow
+and the last ones shrink: instances that start a batch together would otherwise do their host work at the same
+time and leave the GPU idle, and at its end wait for the slowest one. Results come back in user order; each user
+is scored by exactly one engine, so the output is the same for any number of instances or chunks.
 
 Instances start side by side. One that fails to start (not with a ConfigError) is started again alone once the
 others are ready: starting together they race for device memory at their start-up peaks and for free ports (on
@@ -106,8 +106,7 @@ class EnginePool:
         if self._broken:
             raise EngineFailed(self._broken)
         n = self.instances
-        count = n * max(1, -(-int(batch.offsets[-1]) // (self.chunk_tokens * n)))
-        todo = deque((c, part) for c, part in enumerate(split_by_tokens(batch.offsets, count)) if part[1] > part[0])
+        todo = deque(enumerate(plan_chunks(batch.offsets, n, self.chunk_tokens)))
         results: dict[int, TopK] = {}
         errors: list[Exception] = []
         running: dict[int, int] = {}  # instance -> chunk
@@ -181,14 +180,30 @@ class EnginePool:
         self._procs, self._conns = [], []
 
 
-def split_by_tokens(offsets: np.ndarray, parts: int) -> list[tuple[int, int]]:
-    """``parts`` consecutive user ranges covering all users, with about the same number of tokens each."""
+def plan_chunks(offsets: np.ndarray, instances: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive, non-empty user ranges covering all users, in the order the instances take them.
+
+    With ``unit`` = ``chunk_tokens``, or a 1/instances share of a smaller batch: the first ``instances`` chunks
+    hold 1/n, 2/n, ... n/n of a unit, so instances that get them at the same moment start their GPU work one after
+    another instead of all at once; each later chunk is a 1/(2 instances) share of the tokens left, between a
+    quarter unit and a unit, so the instances finish the batch within about a quarter unit of each other. A chunk
+    holds at least one user. The plan depends only on the lengths, so every run cuts a batch alike.
+    """
     offsets = np.asarray(offsets)
     num_users, total = len(offsets) - 1, int(offsets[-1])
-    targets = np.arange(1, parts) * total / parts
-    cuts = np.searchsorted(offsets, targets, side="left").clip(0, num_users)
-    bounds = [0, *np.maximum.accumulate(cuts).tolist(), num_users]
-    return list(zip(bounds[:-1], bounds[1:]))
+    unit = min(float(chunk_tokens), total / instances)
+    chunks: list[tuple[int, int]] = []
+    start = 0
+    while start < num_users:
+        if len(chunks) < instances:
+            size = unit * (len(chunks) + 1) / instances
+        else:
+            size = min(unit, max(unit / 4, (total - int(offsets[start])) / (2 * instances)))
+        stop = int(np.searchsorted(offsets, offsets[start] + size, side="left"))
+        stop = min(max(stop, start + 1), num_users)
+        chunks.append((start, stop))
+        start = stop
+    return chunks
 
 
 def _serve(factory: EngineFactory, instance: int, conn: Connection, parent: int) -> None:

@@ -42,8 +42,8 @@ def build_vllm_engine(cfg: VllmEngineConfig, path: str, config: MTGRConfig) -> E
     if cfg.instances == 1:
         return VllmEngine(cfg, path, config)
     share = instance_config(cfg, config, current_platform.is_cpu())
-    # Chunks of CHUNK_STEPS engine steps: long enough that vLLM's per-call ramp-up and last part-filled step are a
-    # small share, short enough that the instances drift apart and finish a shard close together.
+    # Chunks of up to CHUNK_STEPS engine steps: long enough that vLLM's per-call ramp-up and last part-filled step
+    # are a small share. The pool's tail chunks are a quarter of that, one step (CHUNK_STEPS = 4).
     return EnginePool(partial(_pool_instance, share, path, config), cfg.instances, "vllm",
                       chunk_tokens=CHUNK_STEPS * cfg.max_num_batched_tokens)
 
