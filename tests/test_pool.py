@@ -117,19 +117,22 @@ def test_pool_gives_the_single_engines_results(tiny_checkpoint):
     batch = batch_of(lengths)
     batch.tokens[:] = lay.item_offset + rng.integers(0, n, size=len(batch.tokens))
     expected = torch_engine(path, 0).score(batch, 7, True)
-    pool = EnginePool(partial(torch_engine, path), 3, "torch", chunk_tokens=150)  # ~9 chunks per instance
-    try:
-        for users in (batch, batch.select(slice(0, 2)), batch.select(slice(0, 0))):
-            got = pool.score(users, 7, True)
-            np.testing.assert_array_equal(got.items, expected.items[: len(users)])
-            # A slice is a different GEMM shape on the CPU: scores may differ in the last bit, the order may not.
-            np.testing.assert_allclose(got.scores, expected.scores[: len(users)], rtol=1e-6, atol=1e-6)
-    finally:
-        pool.close()
+    for in_flight in (1, 2):
+        pool = EnginePool(partial(torch_engine, path), 3, "torch", chunk_tokens=150,  # ~9 chunks per instance
+                          in_flight=in_flight)
+        try:
+            for users in (batch, batch.select(slice(0, 2)), batch.select(slice(0, 0))):
+                got = pool.score(users, 7, True)
+                np.testing.assert_array_equal(got.items, expected.items[: len(users)])
+                # A slice is a different GEMM shape on the CPU: scores may differ in the last bit, the order may not.
+                np.testing.assert_allclose(got.scores, expected.scores[: len(users)], rtol=1e-6, atol=1e-6)
+        finally:
+            pool.close()
 
 
-def test_errors_come_back_from_the_instance_that_raised_them():
-    pool = EnginePool(faulty_engine, 2, "faulty")
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_errors_come_back_from_the_instance_that_raised_them(in_flight):
+    pool = EnginePool(faulty_engine, 2, "faulty", in_flight=in_flight)
     try:
         ok = pool.score(batch_of([5, 5, 5, 5], [7, 7, 8, 8]), 2, True)
         assert ok.items[:, 0].tolist() == [7, 7, 8, 8]  # each user its own answer, in order, across chunks
@@ -145,6 +148,19 @@ def test_errors_come_back_from_the_instance_that_raised_them():
     finally:
         pool.close()
     assert pool.instances == 0
+
+
+def test_an_instance_with_two_chunks_in_flight_answers_both_or_fails_without_hanging():
+    pool = EnginePool(faulty_engine, 1, "faulty", chunk_tokens=5, in_flight=2)  # one user per chunk
+    try:
+        assert pool.score(batch_of([5] * 5, [7, 8, 9, 10, 11]), 2, True).items[:, 0].tolist() == [7, 8, 9, 10, 11]
+        with pytest.raises(ValueError, match="bad batch"):  # the chunk behind it is answered, then the error raised
+            pool.score(batch_of([5, 5, 5, 5], [7, 1, 8, 8]), 2, True)
+        assert pool.score(batch_of([5, 5], [9, 9]), 2, True).items[:, 0].tolist() == [9, 9]  # still serving
+        with pytest.raises(EngineFailed, match="instance 0"):  # it dies with a chunk queued behind
+            pool.score(batch_of([5, 5, 5], [9, 3, 9]), 2, True)
+    finally:
+        pool.close()
 
 
 def test_an_instance_that_died_between_batches_stops_the_pool():

@@ -6,8 +6,10 @@ that (bench/RESULTS.md, issue 6), so one vLLM engine leaves the GPU idle most of
 is cut into contiguous chunks of users (:func:`plan_chunks`), and an instance that finishes a chunk takes the next
 one, so one's host work (adding requests, reading results) overlaps the others' GPU work. The first chunks grow
 and the last ones shrink: instances that start a batch together would otherwise do their host work at the same
-time and leave the GPU idle, and at its end wait for the slowest one. Results come back in user order; each user
-is scored by exactly one engine, so the output is the same for any number of instances or chunks.
+time and leave the GPU idle, and at its end wait for the slowest one. With ``in_flight=2`` an instance's next
+chunk is sent while it scores the current one (a thread in the instance takes it off the pipe), so it does not wait
+for the pool to read its answer and send more. Results come back in user order; each user is scored by exactly one
+engine, so the output is the same for any number of instances, chunks or chunks in flight.
 
 Instances start side by side. One that fails to start (not with a ConfigError) is started again alone once the
 others are ready: starting together they race for device memory at their start-up peaks and for free ports (on
@@ -21,6 +23,8 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import queue
+import threading
 import time
 import traceback
 from collections import deque
@@ -47,12 +51,14 @@ class EngineFailed(RuntimeError):
 class EnginePool:
     """``instances`` engines in child processes behind the :class:`Engine` interface."""
 
-    def __init__(self, factory: EngineFactory, instances: int, name: str = "engine", chunk_tokens: int = 1 << 18):
-        if instances < 1 or chunk_tokens < 1:
-            raise ValueError(f"an engine pool needs instances >= 1 and chunk_tokens >= 1, got {instances}, "
-                             f"{chunk_tokens}")
+    def __init__(self, factory: EngineFactory, instances: int, name: str = "engine", chunk_tokens: int = 1 << 18,
+                 in_flight: int = 1):
+        if instances < 1 or chunk_tokens < 1 or in_flight < 1:
+            raise ValueError(f"an engine pool needs instances, chunk_tokens and in_flight >= 1, got {instances}, "
+                             f"{chunk_tokens}, {in_flight}")
         self.name = name
         self.chunk_tokens = chunk_tokens
+        self.in_flight = in_flight  # chunks sent to an instance before its first answer: the next one waits there
         self._factory = factory
         self._broken: str | None = None  # set when an instance died: the pool cannot score any more
         self._procs: list[mp.process.BaseProcess] = []
@@ -109,7 +115,7 @@ class EnginePool:
         todo = deque(enumerate(plan_chunks(batch.offsets, n, self.chunk_tokens)))
         results: dict[int, TopK] = {}
         errors: list[Exception] = []
-        running: dict[int, int] = {}  # instance -> chunk
+        running: dict[int, deque[int]] = {i: deque() for i in range(n)}  # instance -> chunks sent, oldest first
 
         def feed(i: int) -> None:
             if todo and not errors:
@@ -120,19 +126,22 @@ class EnginePool:
                     self._broken = f"{self.name} instance {i} (pid {self._procs[i].pid}) is gone; its log is above"
                     errors.append(EngineFailed(self._broken))
                     return
-                running[i] = c
+                running[i].append(c)
 
-        for i in range(n):
-            feed(i)
-        while running:  # every sent chunk is answered (or its instance is gone) before we return or raise
-            ready = set(wait([self._conns[i] for i in running] + [self._procs[i].sentinel for i in running]))
-            for i in [i for i in running if self._conns[i] in ready or self._procs[i].sentinel in ready]:
-                c = running.pop(i)
+        for _ in range(self.in_flight):
+            for i in range(n):
+                feed(i)
+        while any(running.values()):  # every sent chunk is answered (or its instance is gone) before we return
+            busy = [i for i in running if running[i]]
+            ready = set(wait([self._conns[i] for i in busy] + [self._procs[i].sentinel for i in busy]))
+            for i in [i for i in busy if self._conns[i] in ready or self._procs[i].sentinel in ready]:
+                c = running[i].popleft()  # an instance answers its chunks in the order it got them
                 try:
                     results[c] = self._receive(i)
                 except EngineFailed as e:
                     self._broken = str(e)
                     errors.append(e)
+                    running[i].clear()  # its other chunks will never be answered
                 except Exception as e:  # noqa: BLE001 (an error of the batch: the instance serves on)
                     errors.append(e)
                 if self._broken is None:
@@ -153,7 +162,7 @@ class EnginePool:
                                    "without an answer; its log is above")
         try:
             status, value = conn.recv()
-        except EOFError:
+        except (EOFError, ConnectionResetError):  # reset: it died with a chunk of ours unread in its pipe
             proc.join(5.0)
             raise EngineFailed(f"{self.name} instance {i} (pid {proc.pid}) closed its pipe (exit code "
                                f"{proc.exitcode}); its log is above") from None
@@ -218,19 +227,27 @@ def _serve(factory: EngineFactory, instance: int, conn: Connection, parent: int)
         return
     try:
         conn.send(("ok", None))
-        while True:
-            try:
-                message = conn.recv()
-            except EOFError:
-                return
-            if message is None:
-                return
+        # A thread takes the messages off the pipe as they come, so that the pool may send the next chunk while this
+        # one is scored without waiting for this process to read it.
+        inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        threading.Thread(target=_read_messages, args=(conn, inbox), name="pool-inbox", daemon=True).start()
+        while (message := inbox.get()) is not None:
             try:
                 conn.send(("ok", engine.score(*message)))
             except Exception as e:  # noqa: BLE001
                 conn.send(("error", _portable(e, instance)))
     finally:
         engine.close()
+
+
+def _read_messages(conn: Connection, inbox: "queue.SimpleQueue[Any]") -> None:
+    """The child's inbox thread: every message off the pipe, then None at its end (None sent, or the pipe closed)."""
+    try:
+        while (message := conn.recv()) is not None:
+            inbox.put(message)
+    except (EOFError, OSError):
+        pass
+    inbox.put(None)
 
 
 def _portable(error: BaseException, instance: int) -> BaseException:

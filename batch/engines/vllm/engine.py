@@ -32,6 +32,7 @@ from . import compat  # noqa: E402
 
 WORKER_EXTENSION = "batch.engines.vllm.model.MTGRWorkerExtension"
 CHUNK_STEPS = 4  # a pool instance takes this many engine steps of users at a time
+CHUNKS_IN_FLIGHT = 2  # a pool instance's next chunk waits in its process while it scores one (no turnaround)
 KV_STEPS = 4  # a pool instance's default KV cache: this many steps of tokens (see instance_config)
 KV_STEPS_CACHE_FREE = 2  # the same without chunked prefill and prefix caching (see instance_config)
 log = logging.getLogger("batch.engines.vllm")
@@ -45,7 +46,7 @@ def build_vllm_engine(cfg: VllmEngineConfig, path: str, config: MTGRConfig) -> E
     # Chunks of up to CHUNK_STEPS engine steps: long enough that vLLM's per-call ramp-up and last part-filled step
     # are a small share. The pool's tail chunks are a quarter of that, one step (CHUNK_STEPS = 4).
     return EnginePool(partial(_pool_instance, share, path, config), cfg.instances, "vllm",
-                      chunk_tokens=CHUNK_STEPS * cfg.max_num_batched_tokens)
+                      chunk_tokens=CHUNK_STEPS * cfg.max_num_batched_tokens, in_flight=CHUNKS_IN_FLIGHT)
 
 
 def instance_config(cfg: VllmEngineConfig, config: MTGRConfig, on_cpu: bool) -> VllmEngineConfig:
