@@ -53,8 +53,9 @@ class ShardFiles:
 
     Disk: the in-window rows uncompressed, ~50 bytes per event for the default columns (3.2 GB for 64 M events).
     The directory (``<temp_dir or the system temp dir>/mtgr-shards-<host>-<pid>-*``) is removed when the block
-    exits, on success, error or SIGTERM; a reader whose job was SIGKILLed removes it; the next job on the host
-    removes any left by a dead job. With one shard nothing is written: the shard is the input, read once either way.
+    exits, on success, error or SIGTERM; if the job is SIGKILLed, a reader that has its inputs removes it; the next
+    job on the host removes any left by a dead job. With one shard nothing is written: the shard is the input, read
+    once either way.
     """
 
     def __init__(self, source: EventSource, num_shards: int, temp_dir: str | None = None):
@@ -142,10 +143,13 @@ class BuiltShard:
 
 
 class ShardReader:
-    """``with ShardReader(shards, builder, workers) as r:`` then ``r.take()`` once per shard, in order.
+    """``with ShardReader(workers, num_shards) as r:`` then ``r.begin(shards, builder)`` and ``r.take()`` once
+    per shard, in order.
 
-    Entering starts the reader processes (they import their libraries meanwhile); :meth:`start` (or the first
-    ``take()``) sends them the first shards, once ``shards`` (:class:`ShardFiles`) is written.
+    Entering starts the reader processes, which import their libraries meanwhile and then wait for their inputs:
+    :meth:`begin` sends them the shard files (:class:`ShardFiles`, entered) and the builder; :meth:`start` (or the
+    first ``take()``) sends them the first shards, once the files are written. A block left without ``begin()``
+    (the job failed before its inputs were ready) stops the waiting processes.
 
     ``workers`` reader processes (0 = auto, see :func:`reader_count`) build the next shards while the caller works
     on the one it took: at most ``workers`` shards are being built or wait to be taken. They run ``nice`` steps
@@ -154,39 +158,49 @@ class ShardReader:
     unchanged.
     """
 
-    def __init__(self, shards: ShardFiles, builder: SequenceBuilder, workers: int = 1, nice: int = 0):
-        self._inputs = (shards, builder)
+    def __init__(self, workers: int, num_shards: int, nice: int = 0):
+        self.num_shards = num_shards
         self._nice = nice
-        num_shards = self.num_shards = shards.num_shards
         self.workers = reader_count(workers, num_shards)
         self.threads = max(1, _cpus() // self.workers)  # Polars threads per reader process
 
     def __enter__(self) -> "ShardReader":
-        # The inputs (the builder holds the item vocabulary: 16 MB at 1M items) go through a queue, not with the
-        # process: Process.start() writes its arguments into a pipe that the child reads only after importing
-        # the job's modules, so with large arguments each start waited for that import (~3 s on an H100 host,
-        # one reader after the other: 10-13 s of every job's start-up). Now the processes import in parallel
-        # and the caller goes on at once; a queue's own thread writes the inputs, pickled here once (so that an
-        # input that cannot be pickled fails here, not in that thread).
-        inputs = ForkingPickler.dumps(self._inputs).tobytes()
         context = _ReaderContext(self.threads)
         self._queue = context.Queue()
         self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start,
-                                         initargs=(os.getpid(), self._inputs[0].path, self._queue, self._nice))
+                                         initargs=(os.getpid(), self._queue, self._nice))
         self._ahead: deque[Future[BuiltShard]] = deque()
         self._submitted = 0
-        self._started = False
+        self._begun = self._started = False
         try:
             for _ in range(self.workers):  # spawns the processes now: each runs _start (imports) at once
-                self._queue.put(inputs)
                 self._pool.submit(_ready)
         except BaseException:
             self._close()
             raise
         return self
 
+    def begin(self, shards: ShardFiles, builder: SequenceBuilder) -> None:
+        """Send every reader its inputs: ``shards`` (entered, its files written before :meth:`start`) and
+        ``builder``; returns at once."""
+        if self._begun:
+            raise RuntimeError("ShardReader.begin() was already called")
+        if shards.num_shards != self.num_shards:
+            raise ValueError(f"the shard files have {shards.num_shards} shards, the readers expect {self.num_shards}")
+        # The inputs (the builder holds the item vocabulary: 16 MB at 1M items) go through a queue, not with the
+        # process: Process.start() writes its arguments into a pipe that the child reads only after importing
+        # the job's modules, so with large arguments each start waited for that import (~3 s on an H100 host,
+        # one reader after the other: 10-13 s of every job's start-up). A queue's own thread writes them, pickled
+        # here once (so that an input that cannot be pickled fails here, not in that thread).
+        inputs = ForkingPickler.dumps((shards, builder)).tobytes()
+        for _ in range(self.workers):
+            self._queue.put(inputs)
+        self._begun = True
+
     def start(self) -> None:
         """Send the first shards, one per reader (the shard files must be written)."""
+        if not self._begun:
+            raise RuntimeError("ShardReader.begin() must send the readers their inputs before shards are read")
         if not self._started:
             self._started = True
             for _ in range(self.workers):
@@ -208,6 +222,9 @@ class ShardReader:
         self._close(cancel=exc_type is not None)
 
     def _close(self, cancel: bool = True) -> None:
+        if not self._begun:  # the readers wait for inputs in their initializer: None lets them go on and exit
+            for _ in range(self.workers):
+                self._queue.put(None)
         self._pool.shutdown(wait=True, cancel_futures=cancel)
         self._queue.cancel_join_thread()  # inputs no process took (a pool that broke early) are dropped
         self._queue.close()
@@ -264,16 +281,24 @@ def _env(key: str, value: str) -> Iterator[None]:
             os.environ[key] = before
 
 
-_state: tuple[ShardFiles, SequenceBuilder] | None = None  # the reader process's inputs
+_state: tuple[ShardFiles, SequenceBuilder] | None = None  # the reader process's inputs, once they came
 
 
-def _start(parent: int, files: str | None, inputs: Queue, nice: int) -> None:
+def _start(parent: int, inputs: Queue, nice: int) -> None:
     global _state
     # Watch first: a job killed before the inputs came would leave this reader waiting for them below.
-    # An orphaned reader removes the killed job's shard files (``files``, the ShardFiles directory).
-    exit_with_parent(parent, lambda: files and shutil.rmtree(files, ignore_errors=True))
+    exit_with_parent(parent, _remove_files)
     os.nice(nice)
-    _state = ForkingPickler.loads(inputs.get())
+    received = inputs.get()
+    if received is not None:  # None: the job ended before it sent the inputs
+        _state = ForkingPickler.loads(received)
+
+
+def _remove_files() -> None:
+    """An orphaned reader removes the killed job's shard files (the ShardFiles directory), if it has its inputs;
+    else the next job on the host does (:func:`remove_stale`)."""
+    if _state is not None and _state[0].path:
+        shutil.rmtree(_state[0].path, ignore_errors=True)
 
 
 def _timed(t0: float, wall0: float) -> tuple[float, float, float]:
@@ -285,7 +310,8 @@ def _ready() -> None:
 
 
 def _build(shard: int) -> BuiltShard:
-    assert _state is not None, "reader process not started"
+    if _state is None:
+        raise RuntimeError("this reader process never received its inputs (ShardReader.begin() was not called)")
     shards, builder = _state
     t0, wall0 = time.perf_counter(), time.time()
     rows = shards.source.collect(shards.frame(shard))

@@ -57,9 +57,10 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
                              f"({stats.counts['rows_read']} read, dropped: {stats.rows_dropped or 'none'})")
     builder = SequenceBuilder(ckpt, schema, cfg.data.max_seq_len)
     with ShardFiles(source, cfg.data.num_shards, cfg.data.temp_dir) as shards, \
-            ShardReader(shards, builder, cfg.data.read_workers, cfg.data.reader_nice) as reader:
+            ShardReader(cfg.data.read_workers, cfg.data.num_shards, cfg.data.reader_nice) as reader:
         log.info("%d reader process(es), %d Polars threads each, nice +%d", reader.workers, reader.threads,
                  cfg.data.reader_nice)
+        reader.begin(shards, builder)
 
         def prepare() -> None:  # one more pass (each shard's rows to its files), then the readers start
             with stats.stage("partition"):

@@ -49,8 +49,9 @@ def measure_readers(checkpoint: str, events: str, workers: int, shards: int) -> 
     source = scan_events(events, schema, window=window(DataConfig(path=events, run_date=RUN_DATE)))
     builder = SequenceBuilder(ckpt, schema)
     t0 = time.perf_counter()
-    with ShardFiles(source, shards) as files, ShardReader(files, builder, workers) as reader:
+    with ShardFiles(source, shards) as files, ShardReader(workers, shards) as reader:
         entered = time.perf_counter() - t0
+        reader.begin(files, builder)
         files.write()
         written = time.perf_counter() - t0
         reader.start()

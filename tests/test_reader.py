@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import pickle
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from batch.errors import ConfigError, InputError
 from batch.events import scan_events
-from batch.reader import ShardFiles, ShardReader, reader_count
+from batch.reader import ShardFiles, ShardReader, _build, reader_count, remove_stale
 from batch.run import run_job
 from batch.sequences import SequenceBuilder
 
@@ -29,17 +30,18 @@ WINDOW = (RUN_DATE - dt.timedelta(days=28), RUN_DATE)
 
 def reader(events: Path, checkpoint, schema, num_shards: int, workers: int,
            files: type[ShardFiles] = ShardFiles, nice: int = 0):
-    """Scans now; entering writes the shard files and starts the readers (as the job does)."""
+    """Scans now; entering starts the readers, then makes the shard files, sends the inputs and writes the files
+    (in the job's order)."""
     return _reading(files(scan_events(str(events), schema, window=WINDOW), num_shards),
                     SequenceBuilder(checkpoint, schema), workers, nice)
 
 
 @contextmanager
 def _reading(files: ShardFiles, builder: SequenceBuilder, workers: int, nice: int) -> Iterator[ShardReader]:
-    with files as shards:
+    with ShardReader(workers, files.num_shards, nice) as r, files as shards:
+        r.begin(shards, builder)
         shards.write()
-        with ShardReader(shards, builder, workers, nice) as r:
-            yield r
+        yield r
 
 
 def test_read_workers_do_not_change_results(tmp_path, events_dir, tiny_checkpoint):
@@ -137,34 +139,123 @@ class WaitsForGo(SequenceBuilder):
         self.gate, self.ballast = _Gate(go), bytes(1 << 20)
 
 
-def test_starting_the_readers_does_not_wait_for_them_to_take_their_inputs(tmp_path, events_dir, checkpoint, schema):
-    """Entering returns before any reader has its inputs; sent with each process, they made the caller wait for
+def test_sending_the_inputs_does_not_wait_for_the_readers_to_take_them(tmp_path, events_dir, checkpoint, schema):
+    """begin() returns before any reader has its inputs; sent with each process, they made the caller wait for
     each reader in turn to import the job's modules (10-13 s of every job's start on an H100 host)."""
     def waited(*_) -> None:
-        raise TimeoutError("entering the readers waited for a reader to unpickle its inputs")
+        raise TimeoutError("sending the inputs waited for a reader to unpickle them")
 
     go = tmp_path / "go"
     previous = signal.signal(signal.SIGALRM, waited)
     signal.alarm(15)  # the readers give up after 30 s; a test that hangs until then tells less
     try:
-        with ShardFiles(scan_events(str(events_dir), schema, window=WINDOW), 3) as shards:
+        with ShardReader(2, 3) as r, ShardFiles(scan_events(str(events_dir), schema, window=WINDOW), 3) as shards:
+            r.begin(shards, WaitsForGo(checkpoint, schema, go=go))
             shards.write()
-            with ShardReader(shards, WaitsForGo(checkpoint, schema, go=go), 2) as r:
-                signal.alarm(0)
-                go.touch()  # only now can a reader unpickle its inputs
-                assert sum(len(r.take().seqs.batch) for _ in range(3)) > 0
+            signal.alarm(0)
+            go.touch()  # only now can a reader unpickle its inputs
+            assert sum(len(r.take().seqs.batch) for _ in range(3)) > 0
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
 
 
-def test_inputs_that_cannot_be_pickled_fail_on_entering_not_in_the_readers(events_dir, checkpoint, schema):
+def test_inputs_that_cannot_be_pickled_fail_in_begin_not_in_the_readers(events_dir, checkpoint, schema):
     builder = SequenceBuilder(checkpoint, schema)
     builder.encode = lambda rows: rows  # a lambda does not pickle
-    with ShardFiles(scan_events(str(events_dir), schema, window=WINDOW), 2) as shards:
+    with ShardReader(2, 2) as r, ShardFiles(scan_events(str(events_dir), schema, window=WINDOW), 2) as shards:
         with pytest.raises((AttributeError, pickle.PicklingError), match="lambda"):
-            with ShardReader(shards, builder, 2):
-                pass
+            r.begin(shards, builder)
+
+
+def _imported(pid: int) -> bool:
+    """Whether process ``pid`` has loaded torch (the readers import it through the job's modules)."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_the_readers_import_while_the_caller_works_and_take_their_inputs_later(events_dir, checkpoint, schema):
+    """Entering starts the processes and returns at once; they import while the caller goes on (the job loads its
+    checkpoint), and take their inputs (which need the checkpoint) when they come."""
+    t0 = time.monotonic()
+    with ShardReader(2, 3) as r:
+        pids = list(r._pool._processes)
+        assert len(pids) == 2 and all(map(_alive, pids)) and not any(map(_imported, pids))  # still starting
+        assert time.monotonic() - t0 < 5
+        deadline = time.monotonic() + 120
+        while not all(map(_imported, pids)) and time.monotonic() < deadline:  # the caller's checkpoint load
+            time.sleep(0.1)
+        assert all(map(_imported, pids)) and all(map(_alive, pids))  # up, waiting for their inputs
+        with ShardFiles(scan_events(str(events_dir), schema, window=WINDOW), 3) as shards:
+            r.begin(shards, SequenceBuilder(checkpoint, schema))
+            shards.write()
+            assert sum(len(r.take().seqs.batch) for _ in range(3)) > 0
+        assert list(r._pool._processes) == pids  # the same processes read the shards
+
+
+@contextmanager
+def _within(seconds: int, what: str) -> Iterator[None]:
+    """Fails the block (TimeoutError) if it runs longer than ``seconds``."""
+    def late(*_) -> None:
+        raise TimeoutError(what)
+
+    previous = signal.signal(signal.SIGALRM, late)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_begin_sends_inputs_once_and_for_the_shards_the_readers_expect(events_dir, checkpoint, schema):
+    builder = SequenceBuilder(checkpoint, schema)
+    with ShardReader(1, 2) as r, ShardFiles(scan_events(str(events_dir), schema, window=WINDOW), 3) as three:
+        with pytest.raises(ValueError, match="the shard files have 3 shards, the readers expect 2"):
+            r.begin(three, builder)
+        with ShardFiles(three.source, 2) as two:
+            r.begin(two, builder)
+            with pytest.raises(RuntimeError, match=r"begin\(\) was already called"):
+                r.begin(two, builder)
+            two.write()
+            assert sum(len(r.take().seqs.batch) for _ in range(2)) > 0
+
+
+def _leave(pids: list[int], error: bool) -> None:
+    with ShardReader(2, 4) as r:
+        pids += r._pool._processes
+        if error:
+            raise InputError("no usable rows")
+
+
+@pytest.mark.parametrize("error", [False, True])
+def test_leaving_the_readers_before_begin_stops_them_promptly(error):
+    """A job that fails before its inputs exist (bad checkpoint, no usable rows) leaves the block with its readers
+    still importing or waiting for inputs: they must stop, not keep the job waiting for inputs that never come."""
+    pids: list[int] = []
+    try:
+        with _within(60, "leaving the readers without begin() hung"):
+            if error:
+                with pytest.raises(InputError, match="no usable rows"):
+                    _leave(pids, error)
+            else:
+                _leave(pids, error)
+        assert len(pids) == 2 and not any(map(_alive, pids))
+    finally:  # a hung shutdown leaves no readers behind on the test machine
+        for pid in filter(_alive, pids):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_reading_before_begin_is_an_error():
+    with ShardReader(1, 2) as r:
+        for read in (r.start, r.take):
+            with pytest.raises(RuntimeError, match=r"begin\(\) must send the readers their inputs"):
+                read()
+        r._queue.put(None)  # a reader that got no inputs (what leaving the block sends) cannot build a shard
+        with pytest.raises(RuntimeError, match="never received its inputs"):
+            r._pool.submit(_build, 0).result()
 
 
 class FailsOnShard2(ShardFiles):
@@ -214,8 +305,10 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("sig, when", [(signal.SIGKILL, "reader process(es)"), (signal.SIGKILL, " done ("),
                                        (signal.SIGTERM, " done (")])
 def test_killed_job_leaves_no_reader_processes(tmp_path, sig, when):
-    """Killed while its readers still start (they see the job gone once up) or while they build shards; the
-    shard files go with them (SIGKILL: the orphaned readers remove them; SIGTERM: the job unwinds)."""
+    """Killed while its readers still start, before they have their inputs (they see the job gone once up), or
+    while they build shards; the shard files go with them (SIGKILL: the orphaned readers, which have their inputs,
+    remove them; SIGTERM: the job unwinds). Killed before the readers had their inputs, a job may leave its shard
+    directory: the next job on the host removes it."""
     from tests._sample_job import job_args, job_env, sample_checkpoint
 
     temp = tmp_path / "shards"
@@ -235,8 +328,42 @@ def test_killed_job_leaves_no_reader_processes(tmp_path, sig, when):
         while any(map(_alive, readers)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not [p for p in readers if _alive(p)], "".join(log)[-3000:]
-        assert temp.is_dir() and not list(temp.iterdir()), "".join(log)[-3000:]
+        if when == "reader process(es)" and temp.is_dir():  # killed before the readers had their inputs: a
+            remove_stale(str(temp))  # shard directory left is the next job's to remove
+        assert (temp.is_dir() or when == "reader process(es)") and not list(temp.glob("*")), "".join(log)[-3000:]
     finally:  # a failed check leaves no orphans behind on the test machine
         for pid in filter(_alive, readers):
             os.kill(pid, signal.SIGKILL)
     assert not list((tmp_path / "recs").rglob("*.parquet"))  # nothing published
+
+
+# Starts the readers and waits, never sending their inputs: a job killed while it loads its checkpoint.
+BEFORE_BEGIN = """
+import time
+from batch.reader import ShardReader
+with ShardReader(2, 4) as r:
+    print(*r._pool._processes, flush=True)
+    time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("imported", [False, True])
+def test_a_job_killed_before_it_sent_the_inputs_leaves_no_reader_processes(imported):
+    """Killed while its readers import, or once they wait for their inputs (they watch for the job first)."""
+    proc = start([sys.executable, "-c", BEFORE_BEGIN])
+    readers = [int(pid) for pid in proc.stdout.readline().split()]
+    try:
+        deadline = time.monotonic() + 120
+        while imported and not all(map(_imported, readers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(readers) == 2 and all(map(_imported if imported else _alive, readers))
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while any(map(_alive, readers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(_alive, readers))
+    finally:
+        proc.kill()
+        for pid in filter(_alive, readers):
+            os.kill(pid, signal.SIGKILL)

@@ -114,13 +114,14 @@ def test_temp_dir_must_be_local(tmp_path, events_dir, tiny_checkpoint):
 
 
 def test_readers_started_before_the_files_are_written_read_them(tmp_path, checkpoint, schema):
-    """The job starts the reader processes while it partitions the input; they only read once start() is called,
-    and a shard with no rows (64 shards, 40 users) still has the files' columns."""
+    """The job sends the readers their inputs before it partitions the input; they only read once start() is
+    called, and a shard with no rows (64 shards, 40 users) still has the files' columns."""
     from batch.reader import ShardReader
 
     source = source_of(dirty_events(pl.Int64), schema)
     builder = SequenceBuilder(checkpoint, schema, 24)
-    with ShardFiles(source, 64, str(tmp_path)) as shards, ShardReader(shards, builder, 2) as reader:
+    with ShardReader(2, 64) as reader, ShardFiles(source, 64, str(tmp_path)) as shards:
+        reader.begin(shards, builder)
         shards.write()
         reader.start()
         for shard in range(64):
