@@ -42,58 +42,70 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     scored, written): memory grows with read_workers. Shards are still scored and written in order, so the output
     does not depend on the overlap or the number of readers. The shards' rows are read from the input once, in a
     pass that writes each shard's rows to temporary files under ``data.temp_dir`` (``batch.reader.ShardFiles``);
-    that pass and the first shards' reading run while the engine starts, the row count after the pass.
+    that pass and the first shards' reading run while the engine starts, the row count after the pass. The reader
+    processes start first of all, so that their imports overlap the checkpoint's load, and get their inputs (the
+    shard files, the sequence builder) once those exist.
     """
     stats = RunStats()
-    with stats.stage("load_checkpoint"):
-        ckpt = open_checkpoint(cfg.model)
-    schema = EventSchema.for_checkpoint(cfg.data.columns, ckpt)
-    with stats.stage("scan"):
-        source = scan_events(cfg.data.path, schema, storage_options=cfg.data.storage_options,
-                             window=window(cfg.data), sql_filter=cfg.data.filter)
-        if not has_clean_rows(source):  # fail before the engine starts; the full count says why
-            stats.add_rows(count_rows(source, ckpt.items.item_ids))
-            raise InputError(f"no usable rows in {cfg.data.path!r} for the window ending {cfg.data.run_date} "
-                             f"({stats.counts['rows_read']} read, dropped: {stats.rows_dropped or 'none'})")
-    builder = SequenceBuilder(ckpt, schema, cfg.data.max_seq_len)
-    with ShardFiles(source, cfg.data.num_shards, cfg.data.temp_dir) as shards, \
-            ShardReader(cfg.data.read_workers, cfg.data.num_shards, cfg.data.reader_nice) as reader:
+    # Started after the checkpoint's load, beside the partitioning pass, 4 readers took ~5.4 s to spawn and import
+    # on an H100 host (60,000 users, 8 shards) and the torch engine waited 5.5 s for its first shard, a third of the
+    # job. A job that fails before reader.begin() (bad checkpoint or input) stops the waiting readers on its way out.
+    with ShardReader(cfg.data.read_workers, cfg.data.num_shards, cfg.data.reader_nice) as reader:
         log.info("%d reader process(es), %d Polars threads each, nice +%d", reader.workers, reader.threads,
                  cfg.data.reader_nice)
-        reader.begin(shards, builder)
+        with stats.stage("load_checkpoint"):
+            ckpt = open_checkpoint(cfg.model)
+        schema = EventSchema.for_checkpoint(cfg.data.columns, ckpt)
+        with stats.stage("scan"):
+            source = scan_events(cfg.data.path, schema, storage_options=cfg.data.storage_options,
+                                 window=window(cfg.data), sql_filter=cfg.data.filter)
+            if not has_clean_rows(source):  # fail before the engine starts; the full count says why
+                stats.add_rows(count_rows(source, ckpt.items.item_ids))
+                raise InputError(f"no usable rows in {cfg.data.path!r} for the window ending {cfg.data.run_date} "
+                                 f"({stats.counts['rows_read']} read, dropped: {stats.rows_dropped or 'none'})")
+        builder = SequenceBuilder(ckpt, schema, cfg.data.max_seq_len)
+        # The files go before the readers stop: after an error, a shard still being built may fail, unread.
+        with ShardFiles(source, cfg.data.num_shards, cfg.data.temp_dir) as shards:
+            reader.begin(shards, builder)  # the readers unpickle them while the input is partitioned
+            return _pipeline(cfg, ckpt, source, shards, reader, stats)
 
-        def prepare() -> None:  # one more pass (each shard's rows to its files), then the readers start
-            with stats.stage("partition"):
-                shards.write()
-            reader.start()
 
-        def count() -> None:  # the manifest's row counts, needed only when the output is published
-            if preparing.exception() is None:
-                with stats.stage("count"):
-                    stats.add_rows(count_rows(source, ckpt.items.item_ids))
+def _pipeline(cfg: JobConfig, ckpt: Checkpoint, source: EventSource, shards: ShardFiles, reader: ShardReader,
+              stats: RunStats) -> dict[str, Any]:
+    """Partition the input and start the readers while the engine starts, then score (:func:`_score`)."""
 
-        # While the engine starts, the input is partitioned and the first shards are built; the rows are counted
-        # after the pass, while the readers build, so the first shard does not wait for the count (the readers
-        # left most CPUs idle then: 17% busy on a 16-core H100 host). Polars runs on its own threads and the
-        # readers in their own processes, so neither waits for the other.
-        prep = ThreadPoolExecutor(1, thread_name_prefix="mtgr-prepare")
-        preparing = prep.submit(prepare)
-        counting = prep.submit(count)  # on the same thread, after prepare
-        prep.shutdown(wait=False)  # its thread ends with the count
-        try:
-            with stats.stage("engine_start"):
-                engine = build_engine(cfg.engine, ckpt)
-        except BaseException:
-            counting.cancel()
-            wait([preparing, counting])  # the files and readers are cleaned up after the pass, not under it
-            raise
-        try:
-            with stats.stage("wait_for_data"):  # the engine was ready before the pass was done
-                preparing.result()
-            return _score(cfg, ckpt, source, reader, engine, stats, counting)
-        finally:
-            engine.close()
-            wait([counting])
+    def prepare() -> None:  # one more pass (each shard's rows to its files), then the readers start
+        with stats.stage("partition"):
+            shards.write()
+        reader.start()
+
+    def count() -> None:  # the manifest's row counts, needed only when the output is published
+        if preparing.exception() is None:
+            with stats.stage("count"):
+                stats.add_rows(count_rows(source, ckpt.items.item_ids))
+
+    # While the engine starts, the input is partitioned and the first shards are built; the rows are counted
+    # after the pass, while the readers build, so the first shard does not wait for the count (the readers
+    # left most CPUs idle then: 17% busy on a 16-core H100 host). Polars runs on its own threads and the
+    # readers in their own processes, so neither waits for the other.
+    prep = ThreadPoolExecutor(1, thread_name_prefix="mtgr-prepare")
+    preparing = prep.submit(prepare)
+    counting = prep.submit(count)  # on the same thread, after prepare
+    prep.shutdown(wait=False)  # its thread ends with the count
+    try:
+        with stats.stage("engine_start"):
+            engine = build_engine(cfg.engine, ckpt)
+    except BaseException:
+        counting.cancel()
+        wait([preparing, counting])  # the files and readers are cleaned up after the pass, not under it
+        raise
+    try:
+        with stats.stage("wait_for_data"):  # the engine was ready before the pass was done
+            preparing.result()
+        return _score(cfg, ckpt, source, reader, engine, stats, counting)
+    finally:
+        engine.close()
+        wait([counting])
 
 
 def _score(cfg: JobConfig, ckpt: Checkpoint, source: EventSource, reader: ShardReader, engine: Engine,

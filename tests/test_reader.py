@@ -337,6 +337,34 @@ def test_killed_job_leaves_no_reader_processes(tmp_path, sig, when):
     assert not list((tmp_path / "recs").rglob("*.parquet"))  # nothing published
 
 
+def _spawned(pid: int) -> list[int]:
+    """Processes that ``pid`` spawned with multiprocessing (not its resource tracker)."""
+    return [p for p in _children(pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def test_the_job_starts_its_readers_before_it_loads_the_checkpoint(tmp_path, events_dir, tiny_checkpoint,
+                                                                    monkeypatch):
+    """Their imports overlap the load; a checkpoint that fails to load stops them (they never got inputs)."""
+    import batch.run
+
+    readers = []
+
+    def unreadable(cfg):
+        readers.extend(_spawned(os.getpid()))
+        raise InputError("model.checkpoint: cannot be read")
+
+    monkeypatch.setattr(batch.run, "open_checkpoint", unreadable)
+    try:
+        with _within(60, "a job that failed before its readers had inputs hung"), \
+                pytest.raises(InputError, match="cannot be read"):
+            run_job(config(events_dir, tiny_checkpoint, tmp_path / "out", "data.num_shards=4",
+                           "data.read_workers=2"))
+        assert len(readers) == 2 and not any(map(_alive, readers))
+    finally:
+        for pid in filter(_alive, readers):
+            os.kill(pid, signal.SIGKILL)
+
+
 # Starts the readers and waits, never sending their inputs: a job killed while it loads its checkpoint.
 BEFORE_BEGIN = """
 import time
